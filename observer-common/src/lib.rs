@@ -1,0 +1,227 @@
+//! Types shared by the eBPF programs (`observer-ebpf`) and the loader (`observer`).
+//!
+//! Rules: `#[repr(C)]`, explicit padding, no `bool`, tags are `u32` converted with
+//! `TryFrom`, and every size is pinned by a compile-time assert so the two sides
+//! cannot drift apart silently.
+#![no_std]
+
+/// Ring buffer carrying [`RequestEvent`] and [`ProcEvent`] records to userspace.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// tgid -> [`Tracked`]: the processes we observe (masters, workers, routers, mules).
+pub const MAP_TRACKED: &str = "TRACKED";
+/// index -> [`ReqLayout`]: `struct wsgi_request` offsets, one slot per known layout.
+pub const MAP_LAYOUTS: &str = "LAYOUTS";
+/// index -> u64 per-CPU counters, see [`Stat`].
+pub const MAP_STATS: &str = "STATS";
+/// index 0 -> [`TpConfig`]: tracepoint record offsets read from tracefs at start.
+pub const MAP_TPCONFIG: &str = "TPCONFIG";
+
+/// Default ring-buffer size in bytes (a power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+pub const MAX_TRACKED: u32 = 4096;
+pub const MAX_LAYOUTS: u32 = 8;
+
+/// Event kinds, the first `u32` of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Request = 1,
+    Proc = 2,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            1 => Ok(Self::Request),
+            2 => Ok(Self::Proc),
+            other => Err(other),
+        }
+    }
+}
+
+/// What happened to a tracked process.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcAction {
+    /// A tracked process forked a new process (not a thread).
+    Fork = 1,
+    /// The last thread of a tracked process exited.
+    Exit = 2,
+    /// A tracked process called execve (uWSGI's master does this on SIGHUP).
+    Exec = 3,
+}
+
+impl TryFrom<u32> for ProcAction {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            1 => Ok(Self::Fork),
+            2 => Ok(Self::Exit),
+            3 => Ok(Self::Exec),
+            other => Err(other),
+        }
+    }
+}
+
+/// Value of the TRACKED map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracked {
+    /// The root (master) pid of the uWSGI instance this process belongs to.
+    pub instance: u32,
+    /// Index into LAYOUTS; [`LAYOUT_NONE`] means "do not capture requests here".
+    pub layout: u32,
+}
+pub const LAYOUT_NONE: u32 = u32::MAX;
+
+/// Byte offsets into `struct wsgi_request` for one uWSGI build.
+/// Every string field is a `char *` followed by a `uint16_t` length 8 bytes later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReqLayout {
+    pub fd: u32,
+    pub hvec: u32,
+    pub start_of_request: u32,
+    pub end_of_request: u32,
+    pub remote_addr: u32,
+    pub query_string: u32,
+    pub method: u32,
+    pub host: u32,
+    pub path_info: u32,
+    pub var_cnt: u32,
+    pub status: u32,
+    pub response_size: u32,
+    pub async_id: u32,
+    pub client_addr: u32,
+}
+
+/// Offsets inside tracepoint records, read from `<tracefs>/events/*/format`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TpConfig {
+    /// task/task_newtask: `pid_t pid` (the new task).
+    pub newtask_pid: u32,
+    /// task/task_newtask: `u64 clone_flags`.
+    pub newtask_flags: u32,
+    /// sched/sched_process_exit: `bool group_dead`, or `u32::MAX` when the kernel lacks it.
+    pub exit_group_dead: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU counters in the STATS map. Every drop in the kernel is one of these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Request events handed to userspace.
+    RequestsSent = 0,
+    /// Request events lost because the ring buffer was full.
+    RingFull = 1,
+    /// Process events lost because the ring buffer was full.
+    ProcRingFull = 2,
+    /// New processes we could not track because TRACKED was full.
+    TrackedFull = 3,
+    /// A user-memory read failed while building a request event (the event is still sent,
+    /// with the `FLAG_READ_ERROR` bit, and userspace rejects it).
+    ReadErrors = 4,
+    /// Requests whose header scan stopped at [`MAX_SCAN_VARS`] before the end.
+    VarScanTruncated = 5,
+}
+pub const STAT_COUNT: u32 = 6;
+
+/// Capture limits, in bytes (powers of two, see observer-ebpf's copy_user).
+/// Header vars scanned per request (key+value pairs). uWSGI's default `--max-vars` is 64.
+pub const MAX_SCAN_VARS: usize = 64;
+
+pub const METHOD_CAP: usize = 16;
+pub const PATH_CAP: usize = 512;
+pub const QUERY_CAP: usize = 512;
+pub const HOST_CAP: usize = 128;
+pub const ADDR_CAP: usize = 64;
+pub const PORT_CAP: usize = 8;
+pub const ROUTER_CAP: usize = 8;
+pub const SW8_CAP: usize = 1024;
+pub const SW8_CORR_CAP: usize = 512;
+pub const SW8_X_CAP: usize = 64;
+pub const SOCKADDR_CAP: usize = 28;
+
+/// Flag bits in [`RequestEvent::flags`].
+pub const FLAG_READ_ERROR: u32 = 1;
+pub const FLAG_VARS_TRUNCATED: u32 = 2;
+
+/// One finished request, emitted at `uwsgi_after_request_wsgi` entry (all fields final).
+///
+/// `*_len` fields hold the length uWSGI reported; only `min(len, CAP)` bytes of the array
+/// are valid, and a length above the cap means the value was cut.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RequestEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    pub req: u64,
+    pub start_us: u64,
+    pub end_us: u64,
+    pub response_size: u64,
+    pub status: i32,
+    pub async_id: i32,
+    pub var_cnt: u32,
+    pub flags: u32,
+    pub method_len: u16,
+    pub path_len: u16,
+    pub query_len: u16,
+    pub host_len: u16,
+    pub remote_addr_len: u16,
+    pub remote_port_len: u16,
+    pub router_len: u16,
+    pub sw8_len: u16,
+    pub sw8_corr_len: u16,
+    pub sw8_x_len: u16,
+    /// Root pid of the uWSGI instance (from TRACKED).
+    pub instance: u32,
+    pub sockaddr: [u8; SOCKADDR_CAP],
+    pub _pad2: [u8; 4],
+    pub method: [u8; METHOD_CAP],
+    pub path: [u8; PATH_CAP],
+    pub query: [u8; QUERY_CAP],
+    pub host: [u8; HOST_CAP],
+    pub remote_addr: [u8; ADDR_CAP],
+    pub remote_port: [u8; PORT_CAP],
+    pub router: [u8; ROUTER_CAP],
+    pub sw8: [u8; SW8_CAP],
+    pub sw8_corr: [u8; SW8_CORR_CAP],
+    pub sw8_x: [u8; SW8_X_CAP],
+}
+
+/// A tracked process forked, exited or exec'd.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub kind: u32,
+    pub action: u32,
+    /// The process the action is about (the child, for a fork).
+    pub pid: u32,
+    /// The forking parent, or the process itself for exit/exec.
+    pub parent: u32,
+    pub instance: u32,
+    pub _pad: u32,
+    pub ktime_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Tracked>() == 8);
+const _: () = assert!(core::mem::size_of::<ReqLayout>() == 56);
+const _: () = assert!(core::mem::size_of::<TpConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 2968);
+const _: () = assert!(core::mem::offset_of!(RequestEvent, sockaddr) == 88);
+const _: () = assert!(core::mem::offset_of!(RequestEvent, method) == 120);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, repr(C), no implicit padding (checked by the asserts above).
+    unsafe impl aya::Pod for Tracked {}
+    unsafe impl aya::Pod for ReqLayout {}
+    unsafe impl aya::Pod for TpConfig {}
+}

@@ -1,0 +1,378 @@
+//! Kernel side of the observer: one uprobe turns each finished uWSGI request into one
+//! ring-buffer record, and three tracepoints follow the uWSGI process tree.
+//!
+//! Everything here is read-only towards the target: `bpf_probe_read_user` only, loops
+//! bounded by constants, and nothing is written to user memory.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, ptr::addr_of_mut};
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_probe_read_user as raw_read_user},
+        bpf_probe_read_user,
+    },
+    macros::{map, tracepoint, uprobe},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, TracePointContext},
+};
+use observer_common::*;
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map(name = "TRACKED")]
+static TRACKED: HashMap<u32, Tracked> = HashMap::with_max_entries(MAX_TRACKED, 0);
+
+#[map(name = "LAYOUTS")]
+static LAYOUTS: Array<ReqLayout> = Array::with_max_entries(MAX_LAYOUTS, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map(name = "TPCONFIG")]
+static TPCONFIG: Array<TpConfig> = Array::with_max_entries(1, 0);
+
+/// Scratch space for the request's iovec array (key iovec + value iovec per var).
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<[u8; MAX_SCAN_VARS * 32]> = PerCpuArray::with_max_entries(1, 0);
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[inline(always)]
+fn bump(stat: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn tgid_tid() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// Reads a `T` at `base + off` in the target's memory.
+#[inline(always)]
+fn read<T>(base: u64, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_user validates the address; a bad one returns an error.
+    unsafe { bpf_probe_read_user((base + off as u64) as *const T).map_err(|e| e as i64) }
+}
+
+/// Copies `min(len, N)` bytes from user address `src` into `dst`. Returns false on fault.
+/// N is a power of two: the variable size is masked right before the helper call (after a
+/// volatile reload, so LLVM cannot drop the mask), which is what the verifier can follow.
+#[inline(always)]
+fn copy_user<const N: usize>(dst: *mut [u8; N], src: u64, len: u16) -> bool {
+    const { assert!(N.is_power_of_two()) };
+    if len == 0 || src == 0 {
+        return true;
+    }
+    let rc = if len as usize >= N {
+        // SAFETY: dst points into a ring-buffer reservation of N bytes.
+        unsafe { raw_read_user(dst as *mut c_void, N as u32, src as *const c_void) }
+    } else {
+        let n = len as u32;
+        // SAFETY: reading our own stack variable.
+        let n = unsafe { core::ptr::read_volatile(&n) } & (N as u32 - 1);
+        // SAFETY: as above, n < N.
+        unsafe { raw_read_user(dst as *mut c_void, n, src as *const c_void) }
+    };
+    rc >= 0
+}
+
+/// Copies a `char *` + `uint16_t` field pair of `struct wsgi_request`. Returns the length.
+#[inline(always)]
+fn copy_field<const N: usize>(dst: *mut [u8; N], req: u64, off: u32, flags: &mut u32) -> u16 {
+    let ptr: u64 = read(req, off).unwrap_or(0);
+    let len: u16 = read(req, off + 8).unwrap_or(0);
+    if !copy_user(dst, ptr, len) {
+        *flags |= FLAG_READ_ERROR;
+    }
+    len
+}
+
+// Keys looked up by scanning the request's vars (not parsed into wsgi_request by uWSGI).
+const K_SW8: &[u8; 8] = b"HTTP_SW8";
+const K_SW8_X: &[u8; 10] = b"HTTP_SW8_X";
+const K_PORT: &[u8; 11] = b"REMOTE_PORT";
+const K_ROUTER: &[u8; 12] = b"UWSGI_ROUTER";
+const K_CORR: &[u8; 20] = b"HTTP_SW8_CORRELATION";
+const SLOTS: usize = 5;
+const NOT_FOUND: u8 = u8::MAX;
+
+/// bpf_loop context: index of the var holding each wanted key.
+#[repr(C)]
+struct Scan {
+    found: [u8; SLOTS],
+}
+
+/// One bpf_loop iteration: looks at var `i` (its key iovec) in SCRATCH.
+extern "C" fn scan_one(i: u64, ctx: *mut c_void) -> i64 {
+    let i = i as usize;
+    if i >= MAX_SCAN_VARS {
+        return 1;
+    }
+    let Some(iov) = SCRATCH.get_ptr(0) else { return 1 };
+    // SAFETY: per-CPU map value, filled by the caller just before the loop.
+    let iov = unsafe { &*iov };
+    let kptr = u64::from_ne_bytes(slice8(iov, i * 32));
+    let klen = u64::from_ne_bytes(slice8(iov, i * 32 + 8));
+    let slot = match klen {
+        8 if key_is(kptr, K_SW8) => 0,
+        20 if key_is(kptr, K_CORR) => 1,
+        10 if key_is(kptr, K_SW8_X) => 2,
+        11 if key_is(kptr, K_PORT) => 3,
+        12 if key_is(kptr, K_ROUTER) => 4,
+        _ => return 0,
+    };
+    // SAFETY: ctx is the caller's `Scan` on its stack.
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    if scan.found[slot] == NOT_FOUND {
+        scan.found[slot] = i as u8;
+    }
+    0
+}
+
+#[inline(always)]
+fn key_is<const N: usize>(ptr: u64, want: &[u8; N]) -> bool {
+    // SAFETY: reads N bytes of the key; the caller checked the key is exactly N long.
+    match unsafe { bpf_probe_read_user(ptr as *const [u8; N]) } {
+        Ok(k) => {
+            let mut i = 0;
+            while i < N {
+                if k[i] != want[i] {
+                    return false;
+                }
+                i += 1;
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// `void uwsgi_after_request_wsgi(struct wsgi_request *wsgi_req)`, uWSGI 2.0.x, in the uwsgi
+/// binary (pip build) or python3*_plugin.so (Debian). Called once per request from
+/// uwsgi_close_request after end_of_request, status and response_size are final.
+#[uprobe]
+pub fn after_request(ctx: ProbeContext) -> u32 {
+    let _ = try_after_request(&ctx);
+    0
+}
+
+fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    let tracked = unsafe { TRACKED.get(&tgid) }.ok_or(0i64)?;
+    let layout = LAYOUTS.get(tracked.layout).ok_or(0i64)?;
+    let req: u64 = ctx.arg(0).ok_or(0i64)?;
+    if req == 0 {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+        bump(Stat::RingFull);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    let mut flags = 0u32;
+    // SAFETY: `ev` is a live reservation of size_of::<RequestEvent>(); we only write fields.
+    unsafe {
+        (*ev).kind = EventKind::Request as u32;
+        (*ev).tgid = tgid;
+        (*ev).tid = tid;
+        (*ev).instance = tracked.instance;
+        (*ev).req = req;
+        (*ev).fd = read(req, layout.fd).unwrap_or(-1);
+        (*ev).start_us = read(req, layout.start_of_request).unwrap_or(0);
+        (*ev).end_us = read(req, layout.end_of_request).unwrap_or(0);
+        (*ev).response_size = read(req, layout.response_size).unwrap_or(0);
+        (*ev).status = read(req, layout.status).unwrap_or(0);
+        (*ev).async_id = read(req, layout.async_id).unwrap_or(-1);
+        let var_cnt: u16 = read(req, layout.var_cnt).unwrap_or(0);
+        (*ev).var_cnt = var_cnt as u32;
+        match read::<[u8; SOCKADDR_CAP]>(req, layout.client_addr) {
+            Ok(sa) => (*ev).sockaddr = sa,
+            Err(_) => {
+                (*ev).sockaddr = [0; SOCKADDR_CAP];
+                flags |= FLAG_READ_ERROR;
+            }
+        }
+        (*ev).method_len = copy_field(addr_of_mut!((*ev).method), req, layout.method, &mut flags);
+        (*ev).path_len = copy_field(addr_of_mut!((*ev).path), req, layout.path_info, &mut flags);
+        (*ev).query_len =
+            copy_field(addr_of_mut!((*ev).query), req, layout.query_string, &mut flags);
+        (*ev).host_len = copy_field(addr_of_mut!((*ev).host), req, layout.host, &mut flags);
+        (*ev).remote_addr_len =
+            copy_field(addr_of_mut!((*ev).remote_addr), req, layout.remote_addr, &mut flags);
+
+        // Vars uWSGI does not parse into fields: find them in the iovec array. The scan runs
+        // in bpf_loop so the verifier checks one iteration, not every path through 64.
+        let hvec: u64 = read(req, layout.hvec).unwrap_or(0);
+        let pairs = (var_cnt / 2) as usize;
+        if pairs > MAX_SCAN_VARS {
+            flags |= FLAG_VARS_TRUNCATED;
+            bump(Stat::VarScanTruncated);
+        }
+        let pairs = if pairs > MAX_SCAN_VARS { MAX_SCAN_VARS } else { pairs };
+        let mut scan = Scan { found: [NOT_FOUND; SLOTS] };
+        if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+            if !copy_user(scratch, hvec, (pairs * 32) as u16) {
+                flags |= FLAG_READ_ERROR;
+            } else if pairs > 0 {
+                bpf_loop(pairs as u32, scan_one as *mut c_void, (&raw mut scan).cast(), 0);
+                let iov = &*scratch;
+                let val = |slot: usize| -> (u64, u16) {
+                    let i = scan.found[slot] as usize;
+                    if i >= MAX_SCAN_VARS {
+                        return (0, 0);
+                    }
+                    let base = i * 32 + 16;
+                    let vlen = u64::from_ne_bytes(slice8(iov, base + 8));
+                    let vlen = if vlen > u16::MAX as u64 { u16::MAX } else { vlen as u16 };
+                    (u64::from_ne_bytes(slice8(iov, base)), vlen)
+                };
+                let (p, l) = val(0);
+                (*ev).sw8_len = l;
+                flags |= fault(copy_user(addr_of_mut!((*ev).sw8), p, l));
+                let (p, l) = val(1);
+                (*ev).sw8_corr_len = l;
+                flags |= fault(copy_user(addr_of_mut!((*ev).sw8_corr), p, l));
+                let (p, l) = val(2);
+                (*ev).sw8_x_len = l;
+                flags |= fault(copy_user(addr_of_mut!((*ev).sw8_x), p, l));
+                let (p, l) = val(3);
+                (*ev).remote_port_len = l;
+                flags |= fault(copy_user(addr_of_mut!((*ev).remote_port), p, l));
+                let (p, l) = val(4);
+                (*ev).router_len = l;
+                flags |= fault(copy_user(addr_of_mut!((*ev).router), p, l));
+            }
+        }
+        if flags & FLAG_READ_ERROR != 0 {
+            bump(Stat::ReadErrors);
+        }
+        (*ev).flags = flags;
+    }
+    entry.submit(0);
+    bump(Stat::RequestsSent);
+    Ok(())
+}
+
+#[inline(always)]
+fn fault(ok: bool) -> u32 {
+    if ok { 0 } else { FLAG_READ_ERROR }
+}
+
+#[inline(always)]
+fn slice8(buf: &[u8; MAX_SCAN_VARS * 32], at: usize) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    if at + 8 <= buf.len() {
+        let mut j = 0;
+        while j < 8 {
+            out[j] = buf[at + j];
+            j += 1;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn emit_proc(action: ProcAction, pid: u32, parent: u32, instance: u32) {
+    match EVENTS.reserve::<ProcEvent>(0) {
+        Some(mut e) => {
+            e.write(ProcEvent {
+                kind: EventKind::Proc as u32,
+                action: action as u32,
+                pid,
+                parent,
+                instance,
+                _pad: 0,
+                // SAFETY: helper with no preconditions.
+                ktime_ns: unsafe { bpf_ktime_get_ns() },
+            });
+            e.submit(0);
+        }
+        None => bump(Stat::ProcRingFull),
+    }
+}
+
+/// task/task_newtask, in the parent's context: a tracked process made a new process.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let _ = try_task_newtask(&ctx);
+    0
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), i64> {
+    let (tgid, _) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    let Some(parent) = (unsafe { TRACKED.get(&tgid) }).copied() else {
+        return Ok(());
+    };
+    let cfg = TPCONFIG.get(0).ok_or(0i64)?;
+    // SAFETY: offsets come from this kernel's tracepoint format file.
+    let flags: u64 = unsafe { ctx.read_at(cfg.newtask_flags as usize) }.map_err(|e| e as i64)?;
+    if flags & CLONE_THREAD != 0 {
+        return Ok(());
+    }
+    let child: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize) }.map_err(|e| e as i64)?;
+    if TRACKED.insert(&(child as u32), &parent, BPF_ANY as u64).is_err() {
+        bump(Stat::TrackedFull);
+    }
+    emit_proc(ProcAction::Fork, child as u32, tgid, parent.instance);
+    Ok(())
+}
+
+/// sched/sched_process_exit, in the exiting task's context.
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_process_exit(&ctx);
+    0
+}
+
+fn try_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    let Some(t) = (unsafe { TRACKED.get(&tgid) }).copied() else {
+        return Ok(());
+    };
+    let cfg = TPCONFIG.get(0).ok_or(0i64)?;
+    let group_dead = if cfg.exit_group_dead == u32::MAX {
+        tgid == tid
+    } else {
+        // SAFETY: offset from this kernel's tracepoint format file.
+        unsafe { ctx.read_at::<u8>(cfg.exit_group_dead as usize) }.map_err(|e| e as i64)? != 0
+    };
+    if !group_dead {
+        return Ok(());
+    }
+    let _ = TRACKED.remove(&tgid);
+    emit_proc(ProcAction::Exit, tgid, tgid, t.instance);
+    Ok(())
+}
+
+/// sched/sched_process_exec: a tracked process replaced its image (uWSGI master on HUP).
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let (tgid, _) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    if let Some(t) = unsafe { TRACKED.get(&tgid) } {
+        emit_proc(ProcAction::Exec, tgid, tgid, t.instance);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

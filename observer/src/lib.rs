@@ -1,0 +1,346 @@
+//! Out-of-process observer for uWSGI Python services.
+//!
+//! Data path (see docs/architecture.md): [`targets`] finds the uWSGI processes and the file
+//! holding the request handler; [`probes`] loads the eBPF programs and keeps TRACKED in step;
+//! the kernel emits one record per request into a ring buffer; [`decode`] validates and
+//! decodes records; [`export`] prints them.
+
+pub mod decode;
+pub mod export;
+pub mod probes;
+pub mod targets;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io::Write,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use observer_common::{ProcAction, Stat, Tracked, LAYOUT_NONE};
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    decode::{Decoder, Record},
+    export::{Format, Printer},
+    probes::Probes,
+};
+
+pub struct Options {
+    pub pids: Vec<u32>,
+    pub pidfiles: Vec<PathBuf>,
+    pub format: Format,
+    pub drop_headers: Vec<String>,
+    pub ring_bytes: u32,
+}
+
+/// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Summary {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub requests: u64,
+    pub workers: usize,
+    pub forks: u64,
+    pub exits: u64,
+    pub execs: u64,
+    /// Request records lost in the kernel: ring buffer full.
+    pub lost_ring_full: u64,
+    /// Process records lost in the kernel: ring buffer full.
+    pub lost_proc_ring_full: u64,
+    /// New processes not followed: TRACKED map full.
+    pub lost_tracked_full: u64,
+    /// Request records rejected by validation, by reason.
+    pub invalid: BTreeMap<String, u64>,
+    /// Request records dropped because their target was refused.
+    pub refused: u64,
+    /// Records that could not be decoded at all.
+    pub decode_errors: u64,
+    /// Requests whose header scan stopped early (sw8 headers past the limit may be missed).
+    pub vars_truncated: u64,
+}
+
+/// Per-instance state for the live layout check.
+#[derive(Default)]
+struct InstanceState {
+    valid: u64,
+    invalid: u64,
+    refused: bool,
+    version: String,
+    file: String,
+}
+
+/// After this many invalid records with none valid, a target's layout is declared wrong.
+const REFUSE_AFTER: u64 = 3;
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+struct Session {
+    probes: Probes,
+    decoder: Decoder,
+    printer: Printer<std::io::BufWriter<std::io::Stdout>>,
+    instances: HashMap<u32, InstanceState>,
+    workers: HashSet<u32>,
+    summary: Summary,
+    last_drops: u64,
+}
+
+pub async fn attach(opts: Options) -> Result<Summary> {
+    let mut pids = opts.pids.clone();
+    for f in &opts.pidfiles {
+        pids.push(targets::read_pidfile(f)?);
+    }
+    if pids.is_empty() {
+        bail!("nothing to attach to: give --pid PID or --pidfile FILE");
+    }
+    for &p in &pids {
+        if !targets::exists(p) {
+            bail!(targets::TargetError::NoProcess(p));
+        }
+    }
+    probes::check_privileges()?;
+    let mut roots: Vec<u32> = Vec::new();
+    for &p in &pids {
+        let r = targets::find_root(p)?;
+        if !roots.contains(&r) {
+            roots.push(r);
+        }
+    }
+    let mut found = Vec::new();
+    for &r in &roots {
+        found.push((r, targets::probe_target(r)?));
+    }
+    probes::check_btf()?;
+    let tracefs = probes::ensure_tracefs()?;
+    let (probes, ring) = Probes::load(opts.ring_bytes, &tracefs)?;
+
+    let mut s = Session {
+        probes,
+        decoder: Decoder::new(&opts.drop_headers),
+        printer: Printer::new(std::io::BufWriter::new(std::io::stdout()), opts.format),
+        instances: HashMap::new(),
+        workers: HashSet::new(),
+        summary: Summary { kind: "summary", ..Default::default() },
+        last_drops: 0,
+    };
+    for (root, target) in &found {
+        let slot = s.probes.attach_target(target)?;
+        let t = Tracked { instance: *root, layout: slot };
+        // Scan twice: a process forked between the first scan and its insertion is caught
+        // by the second (after insertion, the fork tracepoint follows it in kernel).
+        let mut n = 0;
+        for _ in 0..2 {
+            for pid in targets::members(*root) {
+                if s.probes.tracked(pid).is_none() {
+                    s.probes.track(pid, t)?;
+                    n += 1;
+                }
+            }
+        }
+        s.instances.insert(
+            *root,
+            InstanceState { version: target.version.clone(), file: target.display.clone(), ..Default::default() },
+        );
+        eprintln!(
+            "observer: attached to uWSGI {} instance {root} ({n} processes), probe in {}",
+            target.version, target.display
+        );
+    }
+    s.run(ring, &roots).await?;
+    Ok(s.summary)
+}
+
+impl Session {
+    async fn run(&mut self, ring: RingBuf<MapData>, roots: &[u32]) -> Result<()> {
+        // SAFETY: the fd stays open for the AsyncFd's whole life: RingFd owns the map.
+        let mut ring = unsafe { AsyncFd::register(RingFd(ring)) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the ring buffer")?;
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    self.drain(&mut guard.get_inner_mut().0)?;
+                    guard.clear_ready();
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.probes.flush_logs();
+                    self.report_new_drops();
+                    if ticks % 4 == 0 {
+                        self.prune_dead();
+                    }
+                    if roots.iter().all(|r| !targets::exists(*r)) {
+                        self.drain(&mut ring.get_mut().0)?;
+                        eprintln!("observer: every observed uWSGI instance has exited");
+                        break;
+                    }
+                }
+            }
+        }
+        // Records already in the ring still count.
+        self.drain(&mut ring.get_mut().0)?;
+        self.finish()
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+        while let Some(item) = ring.next() {
+            match decode::parse_record(&item) {
+                Ok(Record::Request(ev)) => self.on_request(&ev)?,
+                Ok(Record::Proc(ev)) => self.on_proc(&ev)?,
+                Err(e) => {
+                    self.summary.decode_errors += 1;
+                    log::warn!("undecodable record: {e}");
+                }
+            }
+        }
+        self.printer.flush().context("writing output")?;
+        Ok(())
+    }
+
+    fn on_request(&mut self, ev: &observer_common::RequestEvent) -> Result<()> {
+        let st = self.instances.entry(ev.instance).or_default();
+        if st.refused {
+            self.summary.refused += 1;
+            return Ok(());
+        }
+        if ev.flags & observer_common::FLAG_VARS_TRUNCATED != 0 {
+            self.summary.vars_truncated += 1;
+        }
+        if let Err(why) = decode::validate(ev, now_us()) {
+            st.invalid += 1;
+            *self.summary.invalid.entry(why.to_string()).or_default() += 1;
+            if st.valid == 0 && st.invalid >= REFUSE_AFTER {
+                st.refused = true;
+                eprintln!(
+                    "observer: error: uWSGI {} ({}) instance {}: request layout did not validate on live data ({why}); refusing this target",
+                    st.version, st.file, ev.instance
+                );
+                self.refuse(ev.instance);
+            }
+            return Ok(());
+        }
+        st.valid += 1;
+        let r = self.decoder.request(ev);
+        self.summary.requests += 1;
+        self.workers.insert(r.worker_pid);
+        self.printer.request(&r).context("writing output")
+    }
+
+    fn refuse(&mut self, instance: u32) {
+        for pid in self.probes.tracked_pids() {
+            if self.probes.tracked(pid).is_some_and(|t| t.instance == instance) {
+                let _ = self.probes.track(pid, Tracked { instance, layout: LAYOUT_NONE });
+            }
+        }
+    }
+
+    fn on_proc(&mut self, ev: &observer_common::ProcEvent) -> Result<()> {
+        let rec = decode::proc_record(ev);
+        match ProcAction::try_from(ev.action) {
+            Ok(ProcAction::Fork) => self.summary.forks += 1,
+            Ok(ProcAction::Exit) => {
+                self.summary.exits += 1;
+                self.decoder.forget_pid(ev.pid);
+            }
+            Ok(ProcAction::Exec) => {
+                self.summary.execs += 1;
+                self.on_exec(ev.pid, ev.instance);
+            }
+            Err(_) => {}
+        }
+        self.printer.process(&rec).context("writing output")
+    }
+
+    /// After execve a process may be uWSGI again (master on HUP, maybe a new build) or
+    /// something else (a worker's subprocess): re-resolve it.
+    fn on_exec(&mut self, pid: u32, instance: u32) {
+        if !targets::is_uwsgi(pid) {
+            self.probes.untrack(pid);
+            return;
+        }
+        let refused = self.instances.get(&instance).is_some_and(|s| s.refused);
+        match targets::probe_target(pid).map_err(anyhow::Error::from).and_then(|t| {
+            let slot = if refused { LAYOUT_NONE } else { self.probes.attach_target(&t)? };
+            self.probes.track(pid, Tracked { instance, layout: slot })
+        }) {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("observer: warning: pid {pid} after exec: {e:#}; not observed");
+                self.probes.untrack(pid);
+            }
+        }
+    }
+
+    /// Removes processes whose exit record was lost (ring buffer full).
+    fn prune_dead(&mut self) {
+        for pid in self.probes.tracked_pids() {
+            if !targets::exists(pid) {
+                self.probes.untrack(pid);
+                self.decoder.forget_pid(pid);
+            }
+        }
+    }
+
+    fn kernel_drops(&mut self) -> u64 {
+        let sm = &mut self.summary;
+        sm.lost_ring_full = self.probes.stat(Stat::RingFull);
+        sm.lost_proc_ring_full = self.probes.stat(Stat::ProcRingFull);
+        sm.lost_tracked_full = self.probes.stat(Stat::TrackedFull);
+        sm.lost_ring_full + sm.lost_proc_ring_full + sm.lost_tracked_full
+    }
+
+    /// Drops are never silent: each new loss is reported as it happens.
+    fn report_new_drops(&mut self) {
+        let total = self.kernel_drops();
+        if total > self.last_drops {
+            eprintln!(
+                "observer: warning: {} records lost so far (ring full: {} requests, {} process events; tracked map full: {}); consider --ring-bytes",
+                total, self.summary.lost_ring_full, self.summary.lost_proc_ring_full, self.summary.lost_tracked_full
+            );
+            self.last_drops = total;
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.kernel_drops();
+        self.summary.workers = self.workers.len();
+        let s = &self.summary;
+        let invalid: u64 = s.invalid.values().sum();
+        eprintln!(
+            "observer: detached. requests={} workers={} forks={} exits={} execs={} | lost: ring_full={} proc_ring_full={} tracked_full={} invalid={} refused={} decode_errors={} vars_truncated={}",
+            s.requests, s.workers, s.forks, s.exits, s.execs, s.lost_ring_full, s.lost_proc_ring_full,
+            s.lost_tracked_full, invalid, s.refused, s.decode_errors, s.vars_truncated
+        );
+        for f in self.probes.attached_files() {
+            log::debug!("detaching uprobe from {f}");
+        }
+        if self.printer.format() == Format::Json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, &self.summary)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+}
+
+/// Newtype so the ring buffer can sit in an AsyncFd.
+struct RingFd(RingBuf<MapData>);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}

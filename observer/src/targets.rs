@@ -1,0 +1,330 @@
+//! Stage 1: find what to observe. From any pid of a uWSGI instance, find its master (root)
+//! and members from /proc, and the file that holds the Python request handler, with the
+//! `struct wsgi_request` layout for that build.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSymbol};
+use observer_common::ReqLayout;
+
+/// The uprobe's function: `void uwsgi_after_request_wsgi(struct wsgi_request *)`.
+pub const HANDLER_SYMBOL: &str = "uwsgi_after_request_wsgi";
+/// Present in the file that holds uWSGI's core (the executable).
+const CORE_SYMBOL: &str = "uwsgi_close_request";
+/// Present only when uWSGI was built with OpenSSL, which adds `SSL *ssl` to wsgi_request.
+const SSL_SYMBOL: &str = "uwsgi_proto_ssl_accept";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no such process: {0}")]
+    NoProcess(u32),
+    #[error("pid {pid} ({comm}) is not a uWSGI process")]
+    NotUwsgi { pid: u32, comm: String },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("pidfile {path}: {reason}")]
+    PidFile { path: String, reason: String },
+    #[error("pid {pid}: no mapped file exports {HANDLER_SYMBOL} (uWSGI without its Python plugin, or a build with missing symbols)")]
+    NoHandler { pid: u32 },
+    #[error("pid {pid}: cannot find uWSGI's version in {path}")]
+    NoVersion { pid: u32, path: String },
+    #[error("pid {pid}: uWSGI {version} has no known struct wsgi_request layout (known: 2.0.x)")]
+    UnknownVersion { pid: u32, version: String },
+}
+
+/// Reads a pid from a uWSGI pidfile (`--pidfile`): one decimal number, maybe a newline.
+pub fn parse_pidfile(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("is empty".into());
+    }
+    match t.parse::<u32>() {
+        Ok(0) => Err("holds pid 0".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("does not hold a pid: {:?}", t.chars().take(32).collect::<String>())),
+    }
+}
+
+pub fn read_pidfile(path: &Path) -> Result<u32, TargetError> {
+    let text = fs::read_to_string(path).map_err(|e| TargetError::PidFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_pidfile(&text).map_err(|reason| TargetError::PidFile { path: path.display().to_string(), reason })
+}
+
+pub fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
+/// Parent pid from /proc/PID/stat (the field after the parenthesised comm).
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ppid(&stat)
+}
+
+/// Pure parser for /proc/PID/stat's ppid: comm may hold spaces and parentheses.
+pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process is uWSGI when its executable's name starts with "uwsgi" (pip: `uwsgi`; Debian:
+/// `uwsgi-core` started as `uwsgi_python311`, whose comm is the link name).
+pub fn is_uwsgi(pid: u32) -> bool {
+    let by_comm = comm(pid).is_some_and(|c| c.starts_with("uwsgi"));
+    let by_exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("uwsgi")))
+        .unwrap_or(false);
+    by_comm || by_exe
+}
+
+/// Walks up from `pid` to the topmost uWSGI ancestor: the master (or the only process when
+/// uWSGI runs without `--master`).
+pub fn find_root(pid: u32) -> Result<u32, TargetError> {
+    if !exists(pid) {
+        return Err(TargetError::NoProcess(pid));
+    }
+    if !is_uwsgi(pid) {
+        return Err(TargetError::NotUwsgi { pid, comm: comm(pid).unwrap_or_else(|| "?".into()) });
+    }
+    let mut root = pid;
+    // Bounded: a process tree deeper than this is not uWSGI's (which has no grandchildren).
+    for _ in 0..64 {
+        match ppid(root) {
+            Some(p) if p > 1 && is_uwsgi(p) => root = p,
+            _ => break,
+        }
+    }
+    Ok(root)
+}
+
+/// The root and all its descendants that are uWSGI processes, from one /proc scan.
+pub fn members(root: u32) -> BTreeSet<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                if let Some(pp) = ppid(pid) {
+                    children.entry(pp).or_default().push(pid);
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        if out.insert(p) {
+            if let Some(c) = children.get(&p) {
+                stack.extend(c.iter().copied().filter(|&c| is_uwsgi(c)));
+            }
+        }
+    }
+    out
+}
+
+/// A file to put the uprobe in, and the request layout of the uWSGI build around it.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    /// Path usable from our mount namespace (`/proc/PID/root/...`).
+    pub path: PathBuf,
+    /// The path as the target process sees it.
+    pub display: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub version: String,
+    pub ssl: bool,
+    pub layout: ReqLayout,
+}
+
+/// Executable file mappings of a process, from /proc/PID/maps.
+pub fn parse_maps_exec_files(maps: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let path = f.nth(3).unwrap_or("");
+        if perms.contains('x') && path.starts_with('/') && !out.iter().any(|p| p == path) {
+            out.push(path.to_string());
+        }
+    }
+    out
+}
+
+fn elf_symbols(data: &[u8]) -> Option<BTreeSet<String>> {
+    let file = object::File::parse(data).ok()?;
+    let mut set = BTreeSet::new();
+    for s in file.dynamic_symbols().chain(file.symbols()) {
+        if s.is_definition() {
+            if let Ok(n) = s.name() {
+                if n == HANDLER_SYMBOL || n == CORE_SYMBOL || n == SSL_SYMBOL {
+                    set.insert(n.to_string());
+                }
+            }
+        }
+    }
+    Some(set)
+}
+
+/// Finds uWSGI's version string ("2.0.31", "2.0.21-debian") in a binary's read-only data.
+pub fn find_version(data: &[u8]) -> Option<String> {
+    // A NUL-delimited string that starts "2." and is made of version characters.
+    let mut i = 0;
+    while let Some(pos) = memfind(&data[i..], b"\x002.") {
+        let start = i + pos + 1;
+        let end = data[start..].iter().position(|&b| b == 0).map(|e| start + e)?;
+        let s = &data[start..end];
+        if s.len() <= 32 && is_version(s) {
+            return Some(String::from_utf8_lossy(s).into_owned());
+        }
+        i = start;
+    }
+    None
+}
+
+fn is_version(s: &[u8]) -> bool {
+    let core_len = s.iter().position(|&b| b == b'-').unwrap_or(s.len());
+    let core = &s[..core_len];
+    let dots = core.iter().filter(|&&b| b == b'.').count();
+    (2..=3).contains(&dots)
+        && core.iter().all(|&b| b.is_ascii_digit() || b == b'.')
+        && !core.ends_with(b".")
+        && !core.windows(2).any(|w| w == b"..")
+        && s[core_len..].iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'+')
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `struct wsgi_request` offsets (x86_64) by uWSGI version. The struct text is identical in
+/// 2.0.21 to 2.0.31 (measured); its only `#ifdef` is `SSL *ssl`, before `client_addr`.
+pub fn layout_for(version: &str, ssl: bool) -> Option<ReqLayout> {
+    let mut parts = version.split(['.', '-']);
+    let (major, minor) = (parts.next()?, parts.next()?);
+    if major != "2" || minor != "0" {
+        return None;
+    }
+    Some(ReqLayout {
+        fd: 0,
+        hvec: 160,
+        start_of_request: 168,
+        end_of_request: 184,
+        remote_addr: 208,
+        query_string: 240,
+        method: 272,
+        host: 336,
+        path_info: 448,
+        var_cnt: 680,
+        status: 696,
+        response_size: 712,
+        async_id: 728,
+        client_addr: if ssl { 1436 } else { 1428 },
+    })
+}
+
+/// Resolves the probe target of one uWSGI process from its memory map.
+pub fn probe_target(pid: u32) -> Result<ProbeTarget, TargetError> {
+    let maps_path = format!("/proc/{pid}/maps");
+    let maps = fs::read_to_string(&maps_path).map_err(|source| {
+        if exists(pid) {
+            TargetError::Read { path: maps_path.clone(), source }
+        } else {
+            TargetError::NoProcess(pid)
+        }
+    })?;
+    let mut handler: Option<(String, PathBuf)> = None;
+    let mut core: Option<(Vec<u8>, bool)> = None;
+    for file in parse_maps_exec_files(&maps) {
+        let path = PathBuf::from(format!("/proc/{pid}/root{file}"));
+        let Ok(data) = fs::read(&path) else { continue };
+        let Some(syms) = elf_symbols(&data) else { continue };
+        if syms.contains(HANDLER_SYMBOL) && handler.is_none() {
+            handler = Some((file.clone(), path.clone()));
+        }
+        if syms.contains(CORE_SYMBOL) && core.is_none() {
+            core = Some((data, syms.contains(SSL_SYMBOL)));
+        }
+    }
+    let (display, path) = handler.ok_or(TargetError::NoHandler { pid })?;
+    let (core_data, ssl) = core.ok_or(TargetError::NoHandler { pid })?;
+    let version = find_version(&core_data)
+        .ok_or_else(|| TargetError::NoVersion { pid, path: display.clone() })?;
+    let layout = layout_for(&version, ssl)
+        .ok_or_else(|| TargetError::UnknownVersion { pid, version: version.clone() })?;
+    let md = fs::metadata(&path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    Ok(ProbeTarget { path, display, dev: md.dev(), ino: md.ino(), version, ssl, layout })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfile() {
+        assert_eq!(parse_pidfile("1234\n"), Ok(1234));
+        assert_eq!(parse_pidfile("  77 "), Ok(77));
+        assert!(parse_pidfile("").is_err());
+        assert!(parse_pidfile("\n").is_err());
+        assert!(parse_pidfile("0").is_err());
+        assert!(parse_pidfile("12a").is_err());
+        assert!(parse_pidfile("-5").is_err());
+        assert!(parse_pidfile("99999999999").is_err());
+        assert!(parse_pidfile("\u{0}\u{1}garbage").is_err());
+    }
+
+    #[test]
+    fn stat_ppid() {
+        assert_eq!(parse_stat_ppid("42 (uwsgi) S 41 42 42 0"), Some(41));
+        assert_eq!(parse_stat_ppid("42 (a b) c) S 7 1"), Some(7));
+        assert_eq!(parse_stat_ppid("42 (x"), None);
+        assert_eq!(parse_stat_ppid(""), None);
+        assert_eq!(parse_stat_ppid("1 (x) S"), None);
+    }
+
+    #[test]
+    fn maps() {
+        let m = "55d0-55d1 r--p 00000000 fe:00 123 /usr/bin/uwsgi-core\n\
+                 55d1-55d2 r-xp 00001000 fe:00 123 /usr/bin/uwsgi-core\n\
+                 7f00-7f01 r-xp 00000000 fe:00 456 /usr/lib/uwsgi/plugins/python311_plugin.so\n\
+                 7f02-7f03 rw-p 00000000 00:00 0 \n\
+                 7f04-7f05 r-xp 00000000 00:00 0 [vdso]\n\
+                 7f06-7f07 r-xp 00000000 fe:00 789 /tmp/x (deleted)\n\
+                 garbage\n";
+        assert_eq!(
+            parse_maps_exec_files(m),
+            vec!["/usr/bin/uwsgi-core", "/usr/lib/uwsgi/plugins/python311_plugin.so", "/tmp/x"]
+        );
+        assert!(parse_maps_exec_files("").is_empty());
+    }
+
+    #[test]
+    fn version() {
+        assert_eq!(find_version(b"abc\x002.0.31\x00xyz").as_deref(), Some("2.0.31"));
+        assert_eq!(find_version(b"\x002.x\x00\x002.0.21-debian\x00").as_deref(), Some("2.0.21-debian"));
+        assert_eq!(find_version(b"\x002.\x00\x002..1\x00"), None);
+        assert_eq!(find_version(b"2.0.31"), None);
+        assert_eq!(find_version(b""), None);
+        assert_eq!(find_version(b"\x002.0.31"), None);
+    }
+
+    #[test]
+    fn layouts() {
+        let l = layout_for("2.0.31", true).unwrap();
+        assert_eq!((l.method, l.status, l.client_addr), (272, 696, 1436));
+        assert_eq!(layout_for("2.0.21-debian", false).unwrap().client_addr, 1428);
+        assert!(layout_for("2.1.0", true).is_none());
+        assert!(layout_for("3", true).is_none());
+        assert!(layout_for("", true).is_none());
+    }
+}

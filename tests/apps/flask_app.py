@@ -1,0 +1,57 @@
+"""Fixture app for the observer's tests and demo: varied routes, statuses and bodies."""
+from flask import Flask, Response, request, abort
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def index():
+    return "hello, world\n"
+
+
+@app.route("/users/<int:uid>", methods=["GET", "POST", "PUT", "DELETE"])
+def user(uid):
+    return {"id": uid, "method": request.method}
+
+
+@app.route("/status/<int:code>")
+def status(code):
+    return Response("status %d\n" % code, status=code)
+
+
+@app.route("/missing")
+def missing():
+    abort(404)
+
+
+@app.route("/error")
+def error():
+    raise RuntimeError("boom 42")
+
+
+@app.route("/upload", methods=["POST"])
+def upload():
+    data = request.get_data()
+    return "got %d bytes\n" % len(data)
+
+
+@app.route("/slow")
+def slow():
+    import time
+    time.sleep(0.05)
+    return "slow\n"
+
+
+class Crash:
+    """WSGI middleware: /crash raises out of the app, into uWSGI (500, zero bytes)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/crash":
+            raise ValueError("escaped to uwsgi")
+        return self.inner(environ, start_response)
+
+
+application = Crash(app)
