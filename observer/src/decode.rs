@@ -26,6 +26,10 @@ pub enum DecodeError {
 /// Why a request record does not look like a real uWSGI request (layout check on live data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
+    /// Not a layout problem: in async modes (gevent) uWSGI closes a connection that sent
+    /// nothing through the same path as a request, with no vars parsed.
+    #[error("connection closed before sending a request")]
+    NoRequest,
     #[error("request memory could not be read")]
     ReadError,
     #[error("method is not an HTTP token")]
@@ -138,6 +142,9 @@ const DAY_US: u64 = 86_400_000_000;
 pub fn validate(ev: &RequestEvent, now_us: u64) -> Result<(), Invalid> {
     if ev.flags & FLAG_READ_ERROR != 0 {
         return Err(Invalid::ReadError);
+    }
+    if ev.var_cnt == 0 && ev.method_len == 0 && ev.path_len == 0 {
+        return Err(Invalid::NoRequest);
     }
     let (method, cut) = field(&ev.method, ev.method_len);
     if cut || !is_token(method) {
@@ -459,6 +466,13 @@ mod tests {
         assert_eq!(validate(&e, NOW), Err(Invalid::Status));
         let mut e = sample();
         e.method_len = 0;
+        assert_eq!(validate(&e, NOW), Err(Invalid::Method));
+        let mut e = sample();
+        e.method_len = 0;
+        e.path_len = 0;
+        e.var_cnt = 0;
+        assert_eq!(validate(&e, NOW), Err(Invalid::NoRequest));
+        e.var_cnt = 2;
         assert_eq!(validate(&e, NOW), Err(Invalid::Method));
         let mut e = sample();
         put(&mut e.method, &mut e.method_len, "G T");

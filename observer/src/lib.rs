@@ -60,6 +60,8 @@ pub struct Summary {
     pub refused: u64,
     /// Records that could not be decoded at all.
     pub decode_errors: u64,
+    /// Connections closed before sending a request (gevent mode reports these to the probe).
+    pub empty_connections: u64,
     /// Requests whose header scan stopped early (sw8 headers past the limit may be missed).
     pub vars_truncated: u64,
 }
@@ -220,6 +222,10 @@ impl Session {
             self.summary.vars_truncated += 1;
         }
         if let Err(why) = decode::validate(ev, now_us()) {
+            if why == decode::Invalid::NoRequest {
+                self.summary.empty_connections += 1;
+                return Ok(());
+            }
             st.invalid += 1;
             *self.summary.invalid.entry(why.to_string()).or_default() += 1;
             if st.valid == 0 && st.invalid >= REFUSE_AFTER {
@@ -320,8 +326,8 @@ impl Session {
         let s = &self.summary;
         let invalid: u64 = s.invalid.values().sum();
         eprintln!(
-            "observer: detached. requests={} workers={} forks={} exits={} execs={} | lost: ring_full={} proc_ring_full={} tracked_full={} invalid={} refused={} decode_errors={} vars_truncated={}",
-            s.requests, s.workers, s.forks, s.exits, s.execs, s.lost_ring_full, s.lost_proc_ring_full,
+            "observer: detached. requests={} workers={} forks={} exits={} execs={} empty_connections={} | lost: ring_full={} proc_ring_full={} tracked_full={} invalid={} refused={} decode_errors={} vars_truncated={}",
+            s.requests, s.workers, s.forks, s.exits, s.execs, s.empty_connections, s.lost_ring_full, s.lost_proc_ring_full,
             s.lost_tracked_full, invalid, s.refused, s.decode_errors, s.vars_truncated
         );
         for f in self.probes.attached_files() {
