@@ -94,6 +94,11 @@ struct Session {
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
+    // Installed first: a Ctrl-C or SIGTERM during setup is handled as a clean detach.
+    let signals = Signals {
+        int: tokio::signal::unix::signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        term: tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+    };
     let mut pids = opts.pids.clone();
     for f in &opts.pidfiles {
         pids.push(targets::read_pidfile(f)?);
@@ -154,18 +159,16 @@ pub async fn attach(opts: Options) -> Result<Summary> {
             target.version, target.display
         );
     }
-    s.run(ring, &roots).await?;
+    s.run(ring, &roots, signals).await?;
     Ok(s.summary)
 }
 
 impl Session {
-    async fn run(&mut self, ring: RingBuf<MapData>, roots: &[u32]) -> Result<()> {
+    async fn run(&mut self, ring: RingBuf<MapData>, roots: &[u32], mut sig: Signals) -> Result<()> {
         // SAFETY: the fd stays open for the AsyncFd's whole life: RingFd owns the map.
         let mut ring = unsafe { AsyncFd::register(RingFd(ring)) }
             .map_err(|e| e.into_parts().1)
             .context("polling the ring buffer")?;
-        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut ticks = 0u64;
         loop {
@@ -175,8 +178,8 @@ impl Session {
                     self.drain(&mut guard.get_inner_mut().0)?;
                     guard.clear_ready();
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = sig.int.recv() => break,
+                _ = sig.term.recv() => break,
                 _ = tick.tick() => {
                     ticks += 1;
                     self.probes.flush_logs();
@@ -340,6 +343,11 @@ impl Session {
         }
         Ok(())
     }
+}
+
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
 }
 
 /// Newtype so the ring buffer can sit in an AsyncFd.

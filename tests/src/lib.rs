@@ -137,6 +137,12 @@ impl Uwsgi {
         children_of(self.master_pid())
     }
 
+    /// Waits until the master has `n` children, and returns them.
+    pub fn wait_children(&self, n: usize) -> Vec<u32> {
+        wait_until(&format!("{n} uwsgi children"), Duration::from_secs(30), || self.children().len() == n);
+        self.children()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("uwsgi.log")).unwrap_or_default()
     }
