@@ -126,8 +126,10 @@ pub enum Stat {
     ReadErrors = 4,
     /// Requests whose header scan stopped at [`MAX_SCAN_VARS`] before the end.
     VarScanTruncated = 5,
+    /// Requests not captured because their target was refused (layout failed validation).
+    Refused = 6,
 }
-pub const STAT_COUNT: u32 = 6;
+pub const STAT_COUNT: u32 = 7;
 
 /// Capture limits, in bytes (powers of two, see observer-ebpf's copy_user).
 /// Header vars scanned per request (key+value pairs). uWSGI's default `--max-vars` is 64.

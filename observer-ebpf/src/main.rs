@@ -169,7 +169,11 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     let (tgid, tid) = tgid_tid();
     // SAFETY: map lookups return pointers valid for the program's run.
     let tracked = unsafe { TRACKED.get(&tgid) }.ok_or(0i64)?;
-    let layout = LAYOUTS.get(tracked.layout).ok_or(0i64)?;
+    let Some(layout) = LAYOUTS.get(tracked.layout) else {
+        // LAYOUT_NONE: userspace refused this target (its layout failed validation).
+        bump(Stat::Refused);
+        return Ok(());
+    };
     let req: u64 = ctx.arg(0).ok_or(0i64)?;
     if req == 0 {
         return Ok(());

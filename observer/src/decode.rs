@@ -30,6 +30,10 @@ pub enum Invalid {
     /// nothing through the same path as a request, with no vars parsed.
     #[error("connection closed before sending a request")]
     NoRequest,
+    /// A request uWSGI passed to the app although it had no method (e.g. a bare CRLF CRLF):
+    /// real, but nothing a span can be made of.
+    #[error("request without a method (malformed HTTP)")]
+    NoMethod,
     #[error("request memory could not be read")]
     ReadError,
     #[error("method is not an HTTP token")]
@@ -42,6 +46,13 @@ pub enum Invalid {
     Family,
     #[error("a text field holds NUL bytes")]
     Nul,
+}
+
+impl Invalid {
+    /// Whether this rejection hints at a wrong struct layout (as opposed to odd traffic).
+    pub fn suspects_layout(self) -> bool {
+        !matches!(self, Invalid::NoRequest | Invalid::NoMethod)
+    }
 }
 
 pub enum Record {
@@ -143,8 +154,20 @@ pub fn validate(ev: &RequestEvent, now_us: u64) -> Result<(), Invalid> {
     if ev.flags & FLAG_READ_ERROR != 0 {
         return Err(Invalid::ReadError);
     }
+    // Checks that hold for anything uWSGI hands to the probe come first, so that a wrong
+    // layout cannot pass itself off as an empty connection.
+    let (s, e) = (ev.start_us, ev.end_us);
+    if s == 0 || e < s || e - s > DAY_US || e.abs_diff(now_us) > DAY_US {
+        return Err(Invalid::Time);
+    }
+    if !matches!(sa_family(&ev.sockaddr), 0 | 1 | 2 | 10) {
+        return Err(Invalid::Family);
+    }
     if ev.var_cnt == 0 && ev.method_len == 0 && ev.path_len == 0 {
         return Err(Invalid::NoRequest);
+    }
+    if ev.method_len == 0 {
+        return Err(Invalid::NoMethod);
     }
     let (method, cut) = field(&ev.method, ev.method_len);
     if cut || !is_token(method) {
@@ -152,13 +175,6 @@ pub fn validate(ev: &RequestEvent, now_us: u64) -> Result<(), Invalid> {
     }
     if !(100..=599).contains(&ev.status) {
         return Err(Invalid::Status);
-    }
-    let (s, e) = (ev.start_us, ev.end_us);
-    if s == 0 || e < s || e - s > DAY_US || e.abs_diff(now_us) > DAY_US {
-        return Err(Invalid::Time);
-    }
-    if !matches!(sa_family(&ev.sockaddr), 0 | 1 | 2 | 10) {
-        return Err(Invalid::Family);
     }
     let texts = [
         field(&ev.path, ev.path_len).0,
@@ -466,14 +482,19 @@ mod tests {
         assert_eq!(validate(&e, NOW), Err(Invalid::Status));
         let mut e = sample();
         e.method_len = 0;
-        assert_eq!(validate(&e, NOW), Err(Invalid::Method));
+        assert_eq!(validate(&e, NOW), Err(Invalid::NoMethod));
+        assert!(!Invalid::NoMethod.suspects_layout() && Invalid::Status.suspects_layout());
         let mut e = sample();
         e.method_len = 0;
         e.path_len = 0;
         e.var_cnt = 0;
         assert_eq!(validate(&e, NOW), Err(Invalid::NoRequest));
         e.var_cnt = 2;
-        assert_eq!(validate(&e, NOW), Err(Invalid::Method));
+        assert_eq!(validate(&e, NOW), Err(Invalid::NoMethod));
+        // An "empty connection" with implausible times is a layout problem, not traffic.
+        e.var_cnt = 0;
+        e.start_us = NOW / 1_000_000;
+        assert_eq!(validate(&e, NOW), Err(Invalid::Time));
         let mut e = sample();
         put(&mut e.method, &mut e.method_len, "G T");
         assert_eq!(validate(&e, NOW), Err(Invalid::Method));

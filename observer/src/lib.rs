@@ -36,6 +36,8 @@ pub struct Options {
     pub format: Format,
     pub drop_headers: Vec<String>,
     pub ring_bytes: u32,
+    /// Testing aid (hidden flag): added to every layout offset.
+    pub layout_shift: u32,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -56,7 +58,8 @@ pub struct Summary {
     pub lost_tracked_full: u64,
     /// Request records rejected by validation, by reason.
     pub invalid: BTreeMap<String, u64>,
-    /// Request records dropped because their target was refused.
+    /// Requests dropped because their target was refused (in userspace, or in the kernel
+    /// once the refusal reached it).
     pub refused: u64,
     /// Records that could not be decoded at all.
     pub decode_errors: u64,
@@ -121,7 +124,11 @@ pub async fn attach(opts: Options) -> Result<Summary> {
     }
     let mut found = Vec::new();
     for &r in &roots {
-        found.push((r, targets::probe_target(r)?));
+        let mut t = targets::probe_target(r)?;
+        if opts.layout_shift != 0 {
+            t.layout = targets::shifted(t.layout, opts.layout_shift);
+        }
+        found.push((r, t));
     }
     probes::check_btf()?;
     let tracefs = probes::ensure_tracefs()?;
@@ -229,8 +236,11 @@ impl Session {
                 self.summary.empty_connections += 1;
                 return Ok(());
             }
-            st.invalid += 1;
             *self.summary.invalid.entry(why.to_string()).or_default() += 1;
+            if !why.suspects_layout() {
+                return Ok(());
+            }
+            st.invalid += 1;
             if st.valid == 0 && st.invalid >= REFUSE_AFTER {
                 st.refused = true;
                 eprintln!(
@@ -325,6 +335,7 @@ impl Session {
 
     fn finish(&mut self) -> Result<()> {
         self.kernel_drops();
+        self.summary.refused += self.probes.stat(Stat::Refused);
         self.summary.workers = self.workers.len();
         let s = &self.summary;
         let invalid: u64 = s.invalid.values().sum();

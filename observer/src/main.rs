@@ -29,6 +29,10 @@ enum Cmd {
         /// Kernel ring-buffer size in bytes (power of two, at least one page).
         #[arg(long, default_value_t = observer_common::DEFAULT_RING_BYTES, value_parser = ring_size)]
         ring_bytes: u32,
+        /// Testing aid: shift every struct offset by this many bytes, to prove that a wrong
+        /// layout is detected on live data and the target refused.
+        #[arg(long, hide = true, default_value_t = 0)]
+        layout_shift: u32,
     },
 }
 
@@ -43,7 +47,7 @@ fn ring_size(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    let Cmd::Attach { pids, pidfiles, format, drop_headers, ring_bytes } = cli.cmd;
+    let Cmd::Attach { pids, pidfiles, format, drop_headers, ring_bytes, layout_shift } = cli.cmd;
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(observer::attach(Options { pids, pidfiles, format, drop_headers, ring_bytes })) {
+    match rt.block_on(observer::attach(Options { pids, pidfiles, format, drop_headers, ring_bytes, layout_shift })) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("observer: error: {e:#}");

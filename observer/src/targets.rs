@@ -233,6 +233,26 @@ pub fn layout_for(version: &str, ssl: bool) -> Option<ReqLayout> {
     })
 }
 
+/// Every offset moved by `by` bytes (the hidden `--layout-shift` testing aid).
+pub fn shifted(l: ReqLayout, by: u32) -> ReqLayout {
+    ReqLayout {
+        fd: l.fd + by,
+        hvec: l.hvec + by,
+        start_of_request: l.start_of_request + by,
+        end_of_request: l.end_of_request + by,
+        remote_addr: l.remote_addr + by,
+        query_string: l.query_string + by,
+        method: l.method + by,
+        host: l.host + by,
+        path_info: l.path_info + by,
+        var_cnt: l.var_cnt + by,
+        status: l.status + by,
+        response_size: l.response_size + by,
+        async_id: l.async_id + by,
+        client_addr: l.client_addr + by,
+    }
+}
+
 /// Resolves the probe target of one uWSGI process from its memory map.
 pub fn probe_target(pid: u32) -> Result<ProbeTarget, TargetError> {
     let maps_path = format!("/proc/{pid}/maps");
