@@ -103,7 +103,7 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     let uwsgi = Command::new(setup::venv().join("bin/uwsgi"))
         .current_dir(root().join("tests/apps"))
         .args(["--master", "--workers", "2", "--http", &format!("127.0.0.1:{port}")])
-        .args(["--wsgi-file", "flask_app.py", "--callable", "application", "--disable-logging"])
+        .args(["--wsgi-file", "flask_app.py", "--callable", "application", "--disable-logging", "--die-on-term"])
         .arg("--pidfile")
         .arg(&pidfile)
         .stdout(Stdio::null())
