@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod export;
 pub mod probes;
+pub mod spans;
 pub mod targets;
 
 use std::{
@@ -38,6 +39,14 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Testing aid (hidden flag): added to every layout offset.
     pub layout_shift: u32,
+    /// Report to a SkyWalking OAP.
+    pub oap: Option<export::oap::OapConfig>,
+    /// Service name; else SW_AGENT_NAME / OTEL_SERVICE_NAME from the target, else derived.
+    pub service: Option<String>,
+    /// Component id for entry spans; else detected from the target's environment.
+    pub component: Option<i32>,
+    /// Statuses at or above this mark a span as an error.
+    pub error_status: u16,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -65,6 +74,17 @@ pub struct Summary {
     pub decode_errors: u64,
     /// Connections closed before sending a request (gevent mode reports these to the probe).
     pub empty_connections: u64,
+    /// Incoming sw8 headers that could not be parsed (the request starts a new trace).
+    pub sw8_malformed: u64,
+    /// Segments handed to the OAP exporter, sent, and lost (queue over its bound, or still
+    /// queued when the flush at detach ran out of time).
+    pub oap_queued: u64,
+    pub oap_sent: u64,
+    pub oap_dropped_queue_full: u64,
+    pub oap_dropped_at_shutdown: u64,
+    pub oap_send_failures: u64,
+    pub oap_properties_sent: u64,
+    pub oap_heartbeats_sent: u64,
     /// Requests whose header scan stopped early (sw8 headers past the limit may be missed).
     pub vars_truncated: u64,
 }
@@ -77,6 +97,7 @@ struct InstanceState {
     refused: bool,
     version: String,
     file: String,
+    spans: Option<spans::SpanConfig>,
 }
 
 /// After this many invalid records with none valid, a target's layout is declared wrong.
@@ -94,6 +115,9 @@ struct Session {
     workers: HashSet<u32>,
     summary: Summary,
     last_drops: u64,
+    oap: Option<export::oap::Oap>,
+    /// Worker pid -> its SkyWalking instance name, once reported.
+    reported: HashMap<u32, String>,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -142,6 +166,11 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         workers: HashSet::new(),
         summary: Summary { kind: "summary", ..Default::default() },
         last_drops: 0,
+        oap: match opts.oap.clone() {
+            Some(cfg) => Some(export::oap::Oap::start(cfg).context("starting the OAP exporter")?),
+            None => None,
+        },
+        reported: HashMap::new(),
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
@@ -157,9 +186,19 @@ pub async fn attach(opts: Options) -> Result<Summary> {
                 }
             }
         }
+        let spans = s.oap.as_ref().map(|_| {
+            let (cfg, source) = span_config(*root, &opts);
+            eprintln!(
+                "observer: reporting instance {root} as service {:?} ({source}), component {}, to OAP {}",
+                cfg.service,
+                cfg.component,
+                opts.oap.as_ref().map(|o| o.address.as_str()).unwrap_or("")
+            );
+            cfg
+        });
         s.instances.insert(
             *root,
-            InstanceState { version: target.version.clone(), file: target.display.clone(), ..Default::default() },
+            InstanceState { version: target.version.clone(), file: target.display.clone(), spans, ..Default::default() },
         );
         eprintln!(
             "observer: attached to uWSGI {} instance {root} ({n} processes), probe in {}",
@@ -167,6 +206,10 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         );
     }
     s.run(ring, &roots, signals).await?;
+    if let Some(oap) = s.oap.take() {
+        oap.shutdown_into(&mut s.summary).await;
+    }
+    s.finish()?;
     Ok(s.summary)
 }
 
@@ -203,8 +246,7 @@ impl Session {
             }
         }
         // Records already in the ring still count.
-        self.drain(&mut ring.get_mut().0)?;
-        self.finish()
+        self.drain(&mut ring.get_mut().0)
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
@@ -255,6 +297,21 @@ impl Session {
         let r = self.decoder.request(ev);
         self.summary.requests += 1;
         self.workers.insert(r.worker_pid);
+        if let (Some(oap), Some(cfg)) = (&self.oap, &st.spans) {
+            let (seg, notes) = spans::segment(&r, cfg);
+            if notes.sw8_malformed {
+                self.summary.sw8_malformed += 1;
+            }
+            if !self.reported.contains_key(&r.worker_pid) {
+                oap.add_instance(export::oap::Instance {
+                    service: seg.service.clone(),
+                    name: seg.service_instance.clone(),
+                    properties: instance_properties(r.worker_pid, r.instance, &st.version),
+                });
+                self.reported.insert(r.worker_pid, seg.service_instance.clone());
+            }
+            oap.push(seg);
+        }
         self.printer.request(&r).context("writing output")
     }
 
@@ -273,6 +330,7 @@ impl Session {
             Ok(ProcAction::Exit) => {
                 self.summary.exits += 1;
                 self.decoder.forget_pid(ev.pid);
+                self.forget_instance(ev.pid);
             }
             Ok(ProcAction::Exec) => {
                 self.summary.execs += 1;
@@ -303,6 +361,13 @@ impl Session {
         }
     }
 
+    /// A dead worker's instance stops sending heartbeats.
+    fn forget_instance(&mut self, pid: u32) {
+        if let (Some(oap), Some(name)) = (&self.oap, self.reported.remove(&pid)) {
+            oap.remove_instance(&name);
+        }
+    }
+
     /// Removes processes whose exit record was lost (ring buffer full).
     fn prune_dead(&mut self) {
         for pid in self.probes.tracked_pids() {
@@ -310,6 +375,10 @@ impl Session {
                 self.probes.untrack(pid);
                 self.decoder.forget_pid(pid);
             }
+        }
+        let gone: Vec<u32> = self.reported.keys().copied().filter(|p| !targets::exists(*p)).collect();
+        for pid in gone {
+            self.forget_instance(pid);
         }
     }
 
@@ -339,6 +408,13 @@ impl Session {
         self.summary.workers = self.workers.len();
         let s = &self.summary;
         let invalid: u64 = s.invalid.values().sum();
+        if s.oap_queued > 0 || s.oap_properties_sent > 0 {
+            eprintln!(
+                "observer: OAP: segments queued={} sent={} dropped_queue_full={} dropped_at_shutdown={} send_failures={} properties={} heartbeats={} sw8_malformed={}",
+                s.oap_queued, s.oap_sent, s.oap_dropped_queue_full, s.oap_dropped_at_shutdown, s.oap_send_failures,
+                s.oap_properties_sent, s.oap_heartbeats_sent, s.sw8_malformed
+            );
+        }
         eprintln!(
             "observer: detached. requests={} workers={} forks={} exits={} execs={} empty_connections={} | lost: ring_full={} proc_ring_full={} tracked_full={} invalid={} refused={} decode_errors={} vars_truncated={}",
             s.requests, s.workers, s.forks, s.exits, s.execs, s.empty_connections, s.lost_ring_full, s.lost_proc_ring_full,
@@ -354,6 +430,65 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Service name, instance base and component for one uWSGI instance, and where the
+/// service name came from.
+fn span_config(root: u32, opts: &Options) -> (spans::SpanConfig, &'static str) {
+    let env = targets::environ(root);
+    let (service, source) = if let Some(s) = &opts.service {
+        (s.clone(), "--service")
+    } else if let Some(s) = targets::environ_var(&env, "SW_AGENT_NAME") {
+        (s, "SW_AGENT_NAME of the target")
+    } else if let Some(s) = targets::environ_var(&env, "OTEL_SERVICE_NAME") {
+        (s, "OTEL_SERVICE_NAME of the target")
+    } else {
+        let cmdline = std::fs::read(format!("/proc/{root}/cmdline")).unwrap_or_default();
+        match targets::service_from_cmdline(&cmdline) {
+            Some(s) => (s, "the app named on uWSGI's command line"),
+            None => ("uwsgi".to_string(), "default"),
+        }
+    };
+    let component = opts.component.unwrap_or_else(|| {
+        if targets::environ_var(&env, "DJANGO_SETTINGS_MODULE").is_some() {
+            spans::COMPONENT_DJANGO
+        } else if targets::environ_var(&env, "FLASK_APP").is_some() {
+            spans::COMPONENT_FLASK
+        } else {
+            spans::COMPONENT_PYTHON
+        }
+    });
+    let cfg = spans::SpanConfig {
+        service: spans::cut(&service, spans::SERVICE_MAX),
+        instance_base: hostname(),
+        component,
+        error_status: opts.error_status,
+    };
+    (cfg, source)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// What the agents report about an instance, plus where the data comes from.
+fn instance_properties(pid: u32, master: u32, uwsgi_version: &str) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("language".to_string(), "python".to_string()),
+        ("OS Name".into(), "Linux".into()),
+        ("Process No.".into(), pid.to_string()),
+        ("hostname".into(), hostname()),
+    ];
+    for ip in export::ipv4_addresses() {
+        p.push(("ipv4".into(), ip));
+    }
+    if let Some(v) = targets::python_version(pid) {
+        p.push(("python_version".into(), v));
+    }
+    p.push(("uwsgi_version".into(), uwsgi_version.to_string()));
+    p.push(("uwsgi_master_pid".into(), master.to_string()));
+    p.push(("observer".into(), format!("out-of-process eBPF observer {}", env!("CARGO_PKG_VERSION"))));
+    p
 }
 
 struct Signals {

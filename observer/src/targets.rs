@@ -233,6 +233,53 @@ pub fn layout_for(version: &str, ssl: bool) -> Option<ReqLayout> {
     })
 }
 
+/// NUL-separated KEY=VALUE pairs of /proc/PID/environ: the value of `key`.
+pub fn environ_var(environ: &[u8], key: &str) -> Option<String> {
+    environ.split(|&b| b == 0).find_map(|kv| {
+        let kv = std::str::from_utf8(kv).ok()?;
+        let (k, v) = kv.split_once('=')?;
+        (k == key && !v.is_empty()).then(|| v.to_string())
+    })
+}
+
+pub fn environ(pid: u32) -> Vec<u8> {
+    fs::read(format!("/proc/{pid}/environ")).unwrap_or_default()
+}
+
+/// A readable default service name from uWSGI's command line: the app module or file.
+pub fn service_from_cmdline(cmdline: &[u8]) -> Option<String> {
+    let args: Vec<&str> = cmdline.split(|&b| b == 0).filter_map(|a| std::str::from_utf8(a).ok()).collect();
+    let mut it = args.iter().copied();
+    while let Some(a) = it.next() {
+        let (flag, inline): (&str, Option<&str>) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (a, None),
+        };
+        if matches!(flag, "--module" | "-w" | "--wsgi" | "--wsgi-file" | "--file" | "--mount") {
+            let v = inline.or_else(|| it.next())?;
+            let v = v.rsplit('=').next().unwrap_or(v);
+            let base = v.rsplit('/').next().unwrap_or(v);
+            let base = base.trim_end_matches(".py").split(':').next().unwrap_or(base);
+            if !base.is_empty() {
+                return Some(base.replace(['.', ' '], "-"));
+            }
+        }
+    }
+    None
+}
+
+/// The Python version of the libpython a process maps ("3.11"), if any.
+pub fn python_version(pid: u32) -> Option<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    parse_maps_exec_files(&maps).iter().find_map(|p| {
+        let name = p.rsplit('/').next()?;
+        let rest = name.strip_prefix("libpython")?;
+        let ver: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        let ver = ver.trim_end_matches('.');
+        (!ver.is_empty()).then(|| ver.to_string())
+    })
+}
+
 /// Every offset moved by `by` bytes (the hidden `--layout-shift` testing aid).
 pub fn shifted(l: ReqLayout, by: u32) -> ReqLayout {
     ReqLayout {
@@ -336,6 +383,23 @@ mod tests {
         assert_eq!(find_version(b"2.0.31"), None);
         assert_eq!(find_version(b""), None);
         assert_eq!(find_version(b"\x002.0.31"), None);
+    }
+
+    #[test]
+    fn environ_and_cmdline() {
+        let env = b"PATH=/bin\0SW_AGENT_NAME=shop\0EMPTY=\0";
+        assert_eq!(environ_var(env, "SW_AGENT_NAME").as_deref(), Some("shop"));
+        assert_eq!(environ_var(env, "EMPTY"), None);
+        assert_eq!(environ_var(env, "NOPE"), None);
+        assert_eq!(environ_var(b"", "X"), None);
+        assert_eq!(environ_var(b"\xff\xfe=1", "X"), None);
+        let c = b"uwsgi\0--http\0:80\0--wsgi-file\0/srv/app/flask_app.py\0";
+        assert_eq!(service_from_cmdline(c).as_deref(), Some("flask_app"));
+        assert_eq!(service_from_cmdline(b"uwsgi\0--module=mysite.wsgi:application\0").as_deref(), Some("mysite-wsgi"));
+        assert_eq!(service_from_cmdline(b"uwsgi\0-w\0app\0").as_deref(), Some("app"));
+        assert_eq!(service_from_cmdline(b"uwsgi\0--ini\0x.ini\0"), None);
+        assert_eq!(service_from_cmdline(b"uwsgi\0--module\0"), None);
+        assert_eq!(service_from_cmdline(b""), None);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Stage 5: where records go. The embedded default prints them: a human line per request
-//! (console) or one JSON object per line (json). Later exporters sit beside these.
+//! (console) or one JSON object per line (json); [`oap`] reports segments to SkyWalking.
+//! Any combination runs at once.
+
+pub mod oap;
 
 use std::io::{self, Write};
 
@@ -9,6 +12,8 @@ use crate::decode::{ProcRecord, Request};
 pub enum Format {
     Console,
     Json,
+    /// Print nothing per request (with --oap: report only).
+    None,
 }
 
 pub struct Printer<W: Write> {
@@ -28,6 +33,7 @@ impl<W: Write> Printer<W> {
                 self.out.write_all(b"\n")
             }
             Format::Console => writeln!(self.out, "{}", console_line(r)),
+            Format::None => Ok(()),
         }
     }
 
@@ -45,6 +51,7 @@ impl<W: Write> Printer<W> {
                 };
                 writeln!(self.out, "# process {} {what} (parent {}, instance {})", p.pid, p.parent, p.instance)
             }
+            Format::None => Ok(()),
         }
     }
 
@@ -77,6 +84,33 @@ pub fn console_line(r: &Request) -> String {
         if r.client.is_empty() { "-" } else { &r.client },
         if r.sw8.is_some() { "yes" } else { "no" },
     )
+}
+
+/// This host's non-loopback IPv4 addresses (reported as instance properties).
+pub fn ipv4_addresses() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below; we only read it.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET {
+            // SAFETY: family is AF_INET, so this is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !ip.is_loopback() && !out.contains(&ip.to_string()) {
+                out.push(ip.to_string());
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
 }
 
 #[cfg(test)]
