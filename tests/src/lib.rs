@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod receiver;
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }

@@ -1,0 +1,319 @@
+//! SkyWalking reporting: segments, instances and heartbeats into a real gRPC receiver,
+//! checked field by field, decoded by independent definitions (the apache-skywalking
+//! wheel), and with the official Python agent reporting into the same receiver.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use observer_proto::v3::{RefType, SegmentObject, SpanLayer, SpanType};
+use observer_tests::{receiver::Receiver, *};
+use prost::Message as _;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
+}
+
+fn python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+fn sw8(trace: &str, seg: &str, span: i32) -> String {
+    format!(
+        "1-{}-{}-{span}-{}-{}-{}-{}",
+        B64.encode(trace),
+        B64.encode(seg),
+        B64.encode("gateway"),
+        B64.encode("gateway-1"),
+        B64.encode("/checkout"),
+        B64.encode("shop.internal:80")
+    )
+}
+
+fn start_app(tag: &str, workers: &str) -> (Uwsgi, String) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let u = Uwsgi::start(Build::Pip, tag, &["--master", "--workers", workers, "--http-socket", &addr], Ready::Port(port));
+    (u, addr)
+}
+
+fn attach_oap(u: &Uwsgi, rx: &Receiver, extra: &[&str]) -> Observer {
+    let mut args = vec!["--pid".to_string(), u.master_pid().to_string(), "--oap".into(), rx.address()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Observer::attach(&a)
+}
+
+fn tags(seg: &SegmentObject) -> Vec<(String, String)> {
+    seg.spans[0].tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect()
+}
+
+fn by_url<'a>(segs: &'a [SegmentObject], url: &str) -> &'a SegmentObject {
+    let m: Vec<&SegmentObject> =
+        segs.iter().filter(|s| s.spans[0].tags.iter().any(|t| t.key == "http.url" && t.value == url)).collect();
+    assert_eq!(m.len(), 1, "one segment for {url}: {segs:#?}");
+    m[0]
+}
+
+#[test]
+fn segments_instances_and_linkage() {
+    require_root();
+    let rx = Receiver::start();
+    let (u, addr) = start_app("sw-seg", "2");
+    let obs = attach_oap(&u, &rx, &["--service", "shop", "--framework", "flask", "--oap-token", "s3cret"]);
+    let upstream = sw8("4a7b0c3e2f1d4c5b8a9e0f1a2b3c4d5e", "parentseg0000000000000000000000a", 2);
+    let cases: Vec<(&str, Vec<String>, u16)> = vec![
+        ("/users/1?q=1", vec![], 200),
+        ("/status/201", vec![], 201),
+        ("/missing", vec![], 404),
+        ("/error", vec![], 500),
+        ("/crash", vec![], 500),
+        ("/users/2", vec!["-H".into(), format!("sw8: {upstream}")], 200),
+        ("/users/3", vec!["-H".into(), format!("sw8: {upstream}"), "-H".into(), "sw8-x: 1-1700000000000".into()], 200),
+        ("/users/4", vec!["-H".into(), "sw8: not-a-valid-header".into()], 200),
+        ("/users/5", vec!["-X".into(), "POST".into(), "-d".into(), "x=1".into()], 200),
+    ];
+    let mut ports = Vec::new();
+    for (path, extra, _) in &cases {
+        let e: Vec<&str> = extra.iter().map(String::as_str).collect();
+        ports.push(curl(&u.url(path), &e).local_port);
+    }
+    wait_until("all segments at the receiver", Duration::from_secs(20), || rx.store.segments().len() >= cases.len());
+    let records = obs.wait_requests(cases.len());
+    let (summary, _) = obs.stop();
+    let segs = rx.store.segments();
+    assert_eq!(segs.len(), cases.len(), "one segment per request");
+    assert_eq!(summary["oap_sent"], cases.len() as u64);
+    assert_eq!(summary["oap_queued"], cases.len() as u64);
+    assert_eq!(summary["oap_dropped_queue_full"], 0);
+    assert_eq!(summary["oap_dropped_at_shutdown"], 0);
+    assert_eq!(summary["sw8_malformed"], 1);
+
+    let master = u.master_pid();
+    let ids: BTreeSet<&str> = segs.iter().map(|s| s.trace_segment_id.as_str()).collect();
+    assert_eq!(ids.len(), segs.len(), "segment ids unique");
+    for ((path, _, status), port) in cases.iter().zip(&ports) {
+        let p = path.split('?').next().unwrap();
+        let seg = by_url(&segs, &format!("http://{addr}{p}"));
+        let rec = find(&records, p, path.split_once('?').map_or("", |x| x.1));
+        let worker = rec["worker_pid"].as_u64().unwrap();
+        assert_eq!(seg.service, "shop");
+        assert_eq!(seg.service_instance, format!("{}-master({master})-child({worker})", hostname()));
+        assert!(seg.trace_id.len() == 32 && seg.trace_segment_id.len() == 32, "{seg:?}");
+        assert!(seg.trace_segment_id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(seg.spans.len(), 1);
+        let s = &seg.spans[0];
+        assert_eq!((s.span_id, s.parent_span_id), (0, -1));
+        assert_eq!(s.operation_name, p);
+        assert_eq!(s.span_type, SpanType::Entry as i32);
+        assert_eq!(s.span_layer, SpanLayer::Http as i32);
+        assert_eq!(s.component_id, 7001);
+        assert_eq!(s.peer, format!("127.0.0.1:{port}"));
+        assert_eq!(s.is_error, *status >= 400, "{path}");
+        assert_eq!(s.start_time as u64, rec["start_us"].as_u64().unwrap() / 1000);
+        assert_eq!(s.end_time as u64, rec["end_us"].as_u64().unwrap() / 1000);
+        let method = if *path == "/users/5" { "POST" } else { "GET" };
+        assert_eq!(
+            tags(seg),
+            vec![
+                ("http.method".to_string(), method.to_string()),
+                ("http.url".into(), format!("http://{addr}{p}")),
+                ("http.status_code".into(), status.to_string()),
+            ]
+        );
+        let linked = matches!(*path, "/users/2" | "/users/3");
+        assert_eq!(s.skip_analysis, *path == "/users/3");
+        if linked {
+            assert_eq!(seg.trace_id, "4a7b0c3e2f1d4c5b8a9e0f1a2b3c4d5e");
+            assert_eq!(s.refs.len(), 1);
+            let r = &s.refs[0];
+            assert_eq!(r.ref_type, RefType::CrossProcess as i32);
+            assert_eq!(r.trace_id, "4a7b0c3e2f1d4c5b8a9e0f1a2b3c4d5e");
+            assert_eq!(r.parent_trace_segment_id, "parentseg0000000000000000000000a");
+            assert_eq!(r.parent_span_id, 2);
+            assert_eq!(r.parent_service, "gateway");
+            assert_eq!(r.parent_service_instance, "gateway-1");
+            assert_eq!(r.parent_endpoint, "/checkout");
+            assert_eq!(r.network_address_used_at_peer, "shop.internal:80");
+        } else {
+            assert!(s.refs.is_empty(), "{path}");
+            assert_ne!(seg.trace_id, "4a7b0c3e2f1d4c5b8a9e0f1a2b3c4d5e");
+        }
+    }
+    // One instance per worker that served, with its properties.
+    let served: BTreeSet<u64> = records.iter().map(|r| r["worker_pid"].as_u64().unwrap()).collect();
+    let props = rx.store.properties();
+    for w in &served {
+        let name = format!("{}-master({master})-child({w})", hostname());
+        let p = props.iter().find(|p| p.service_instance == name).unwrap_or_else(|| panic!("no properties for {name}"));
+        assert_eq!(p.service, "shop");
+        let kv: Vec<(&str, &str)> = p.properties.iter().map(|k| (k.key.as_str(), k.value.as_str())).collect();
+        for want in [("language", "python"), ("Process No.", &w.to_string()), ("uwsgi_version", "2.0.31")] {
+            assert!(kv.contains(&want), "{want:?} in {kv:?}");
+        }
+        assert!(kv.contains(&("uwsgi_master_pid", &master.to_string())));
+        assert!(kv.iter().any(|(k, v)| *k == "python_version" && v.starts_with("3.")), "{kv:?}");
+        assert!(kv.iter().any(|(k, _)| *k == "observer"));
+    }
+    // Every call carried the token.
+    let auth = rx.store.auth();
+    assert!(!auth.is_empty() && auth.iter().all(|a| a.as_deref() == Some("s3cret")), "{auth:?}");
+
+    // Independent decoding: the wheel's generated Tracing_pb2 reads what we sent.
+    let dir = tmpdir("sw-decode");
+    let mut buf = Vec::new();
+    for s in &segs {
+        let b = s.encode_to_vec();
+        buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&b);
+    }
+    std::fs::write(dir.join("segs.bin"), buf).unwrap();
+    let out = Command::new(python())
+        .arg(repo().join("tests/py/sw_check.py"))
+        .arg("decode-segments")
+        .arg(dir.join("segs.bin"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let decoded: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(decoded.len(), segs.len());
+    for (d, s) in decoded.iter().zip(&segs) {
+        assert_eq!(d["traceId"].as_str().or(d["trace_id"].as_str()), Some(s.trace_id.as_str()));
+        assert_eq!(d["service"], "shop");
+        assert_eq!(d["serviceInstance"].as_str().or(d["service_instance"].as_str()), Some(s.service_instance.as_str()));
+        let span = &d["spans"][0];
+        let op = span["operationName"].as_str().or(span["operation_name"].as_str()).unwrap();
+        assert_eq!(op, s.spans[0].operation_name);
+        let peer = span["peer"].as_str().unwrap();
+        assert_eq!(peer, s.spans[0].peer);
+        let comp = span["componentId"].as_i64().or(span["component_id"].as_i64()).unwrap();
+        assert_eq!(comp, 7001);
+        let layer = span["spanLayer"].as_i64().or(span["span_layer"].as_i64()).unwrap();
+        assert_eq!(layer, SpanLayer::Http as i64);
+        let tag_keys: Vec<&str> = span["tags"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap()).collect();
+        assert_eq!(tag_keys, vec!["http.method", "http.url", "http.status_code"]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn our_proto_matches_the_official_definitions() {
+    require_root();
+    let dir = tmpdir("fds");
+    let ours = dir.join("ours.fds");
+    std::fs::write(&ours, observer_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let run = |p: &PathBuf| {
+        let o = Command::new(python()).arg(repo().join("tests/py/sw_check.py")).arg("compare-descriptors").arg(p).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let (ok, out) = run(&ours);
+    assert!(ok && out.contains(" 0 problems"), "{out}");
+    // The check can fail: renumber SpanObject.peer and it must be caught.
+    let mut fds = prost_types_fds(observer_proto::FILE_DESCRIPTOR_SET);
+    let mut changed = false;
+    for f in &mut fds.file {
+        for m in &mut f.message_type {
+            if m.name() == "SpanObject" {
+                for fld in &mut m.field {
+                    if fld.name() == "peer" {
+                        fld.number = Some(99);
+                        changed = true;
+                    }
+                }
+            }
+        }
+    }
+    assert!(changed);
+    let bad = dir.join("bad.fds");
+    std::fs::write(&bad, fds.encode_to_vec()).unwrap();
+    let (ok, out) = run(&bad);
+    assert!(!ok && out.contains("SpanObject.peer"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn prost_types_fds(b: &[u8]) -> prost_types::FileDescriptorSet {
+    prost_types::FileDescriptorSet::decode(b).unwrap()
+}
+
+#[test]
+fn heartbeats_follow_live_workers() {
+    require_root();
+    let rx = Receiver::start();
+    let (u, _) = start_app("sw-hb", "1");
+    let obs = attach_oap(&u, &rx, &["--service", "hb", "--heartbeat-secs", "1"]);
+    let old = u.wait_children(1)[0];
+    assert_eq!(curl(&u.url("/users/1"), &[]).status, 200);
+    let old_name = format!("{}-master({})-child({old})", hostname(), u.master_pid());
+    wait_until("pings for the first worker", Duration::from_secs(10), || {
+        rx.store.pings().iter().filter(|(p, _)| p.service_instance == old_name).count() >= 2
+    });
+    // SAFETY: killing the worker we started.
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    wait_until("respawn", Duration::from_secs(15), || u.children().first().is_some_and(|c| *c != old));
+    let new = u.children()[0];
+    assert_eq!(curl(&u.url("/users/2"), &[]).status, 200);
+    let new_name = format!("{}-master({})-child({new})", hostname(), u.master_pid());
+    wait_until("pings for the new worker", Duration::from_secs(10), || {
+        rx.store.pings().iter().filter(|(p, _)| p.service_instance == new_name).count() >= 2
+    });
+    let killed_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    let late: Vec<_> = rx
+        .store
+        .pings()
+        .into_iter()
+        .filter(|(p, t)| p.service_instance == old_name && *t > killed_at)
+        .collect();
+    assert!(late.is_empty(), "the killed worker's instance still pings: {late:?}");
+    assert!(rx.store.properties().iter().any(|p| p.service_instance == new_name));
+    let (summary, _) = obs.stop();
+    assert!(summary["oap_heartbeats_sent"].as_u64().unwrap() >= 4, "{summary}");
+}
+
+#[test]
+fn oap_outage_keeps_what_fits_and_counts_the_rest() {
+    require_root();
+    let mut rx = Receiver::start();
+    let (u, _) = start_app("sw-outage", "2");
+    let obs = attach_oap(&u, &rx, &["--service", "outage", "--queue-max", "20"]);
+    let send = |range: std::ops::Range<u32>| {
+        for k in range {
+            assert_eq!(curl(&u.url(&format!("/users/{k}")), &[]).status, 200);
+        }
+    };
+    let paths = |rx: &Receiver, range: std::ops::Range<u32>| -> BTreeSet<u32> {
+        rx.store
+            .segments()
+            .iter()
+            .filter_map(|s| s.spans[0].operation_name.strip_prefix("/users/")?.parse().ok())
+            .filter(|k| range.contains(k))
+            .collect()
+    };
+    send(0..5);
+    wait_until("5 segments", Duration::from_secs(10), || rx.store.segments().len() == 5);
+    rx.pause();
+    // Outage within the bound: all 15 wait in the queue and arrive after it.
+    send(100..115);
+    rx.resume();
+    wait_until("outage segments delivered", Duration::from_secs(20), || rx.store.segments().len() == 20);
+    assert_eq!(paths(&rx, 100..115).len(), 15);
+    // Outage beyond the bound (20): 30 requests, so 10 are dropped, oldest first.
+    rx.pause();
+    send(200..230);
+    rx.resume();
+    wait_until("flood segments delivered", Duration::from_secs(20), || rx.store.segments().len() == 40);
+    let (summary, stderr) = obs.stop();
+    let segs = rx.store.segments();
+    let ids: BTreeSet<&str> = segs.iter().map(|s| s.trace_segment_id.as_str()).collect();
+    assert_eq!(ids.len(), segs.len(), "no duplicates");
+    assert_eq!(segs.len(), 40, "5 + 15 + the 20 the queue could hold");
+    let flood = paths(&rx, 200..230);
+    assert_eq!(flood.len(), 20);
+    assert_eq!(summary["oap_queued"], 50, "{summary}");
+    assert_eq!(summary["oap_sent"], 40, "{summary}");
+    // The drop count equals what is missing, and the survivors are the newest.
+    assert_eq!(summary["oap_dropped_queue_full"].as_u64().unwrap(), 30 - flood.len() as u64, "{summary}");
+    assert!(flood.contains(&229) && !flood.contains(&200), "{flood:?}");
+    assert_eq!(summary["oap_dropped_at_shutdown"], 0);
+    assert!(stderr.contains("dropped_queue_full=10"), "{stderr}");
+}
