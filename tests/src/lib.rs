@@ -88,6 +88,24 @@ impl Uwsgi {
     }
 
     pub fn start_app(build: Build, tag: &str, args: &[&str], ready: Ready, file: &str, callable: &str) -> Uwsgi {
+        Self::start_full(build, tag, args, ready, file, callable, &[])
+    }
+
+    /// Starts the pip build under the official SkyWalking Python agent
+    /// (`sw-python run -p uwsgi ...`), with `env` (SW_AGENT_* settings).
+    pub fn start_with_agent(tag: &str, args: &[&str], ready: Ready, env: &[(&str, &str)]) -> Uwsgi {
+        Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", env)
+    }
+
+    fn start_full(
+        build: Build,
+        tag: &str,
+        args: &[&str],
+        ready: Ready,
+        file: &str,
+        callable: &str,
+        agent_env: &[(&str, &str)],
+    ) -> Uwsgi {
         let dir = tmpdir(tag);
         let pidfile = dir.join("uwsgi.pid");
         let exe = match build {
@@ -95,7 +113,16 @@ impl Uwsgi {
             Build::Debian => PathBuf::from("/usr/bin/uwsgi_python311"),
         };
         let log = std::fs::File::create(dir.join("uwsgi.log")).unwrap();
-        let mut cmd = Command::new(exe);
+        let mut cmd = if agent_env.is_empty() {
+            Command::new(exe)
+        } else {
+            // The agent recognises uWSGI only by the bare command name `uwsgi` (found on PATH).
+            let _ = exe;
+            let mut c = Command::new(venv().join("bin/sw-python"));
+            c.args(["run", "-p", "uwsgi"]).envs(agent_env.iter().copied());
+            c.env("PATH", format!("{}:{}", venv().join("bin").display(), std::env::var("PATH").unwrap_or_default()));
+            c
+        };
         cmd.current_dir(apps())
             .args(args)
             .args(["--wsgi-file", file, "--callable", callable, "--pidfile"])
@@ -337,7 +364,7 @@ pub struct Reply {
 /// One request with curl (a real HTTP client). `extra` are curl arguments (headers, -X ...).
 pub fn curl(url: &str, extra: &[&str]) -> Reply {
     let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{local_port}"])
+        .args(["-s", "-m", "20", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{local_port}"])
         .args(extra)
         .arg(url)
         .output()

@@ -92,7 +92,10 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let port = crate::free_port();
+        Self::start_on(crate::free_port())
+    }
+
+    pub fn start_on(port: u16) -> Receiver {
         let mut r = Receiver { store: Store::default(), port, running: None };
         r.resume();
         r

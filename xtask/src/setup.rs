@@ -30,7 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 pub const UWSGI_VERSION: &str = "2.0.31";
-const PY_PACKAGES: &[&str] = &["uwsgi==2.0.31", "flask==3.1.3", "gevent==26.9.0"];
+const PY_PACKAGES: &[&str] = &["uwsgi==2.0.31", "flask==3.1.3", "gevent==26.9.0", "apache-skywalking==1.2.0"];
 
 pub fn venv() -> PathBuf {
     std::env::var_os("OBSERVER_VENV").map(PathBuf::from).unwrap_or_else(|| root().join(".venv"))
@@ -134,7 +134,7 @@ fn python() -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == UWSGI_VERSION)
         .unwrap_or(false)
-        && Command::new(v.join("bin/python")).args(["-c", "import flask, gevent"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
+        && Command::new(v.join("bin/python")).args(["-c", "import flask, gevent, skywalking.protocol.language_agent.Tracing_pb2"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
     if ok {
         return Ok(());
     }

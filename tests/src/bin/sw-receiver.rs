@@ -1,0 +1,44 @@
+//! The test receiver as a standalone program: `sw-receiver [PORT]` serves the OAP's trace
+//! and management services on 127.0.0.1 and prints one line per thing received.
+
+use std::time::Duration;
+
+use observer_tests::receiver::Receiver;
+
+fn main() {
+    let port: Option<u16> = std::env::args().nth(1).and_then(|p| p.parse().ok());
+    let rx = match port {
+        Some(p) => Receiver::start_on(p),
+        None => Receiver::start(),
+    };
+    println!("sw-receiver listening on {}", rx.address());
+    let (mut segs, mut props, mut pings) = (0, 0, 0);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let s = rx.store.segments();
+        for seg in &s[segs..] {
+            let sp = &seg.spans[0];
+            println!(
+                "segment service={} instance={} trace={} op={} peer={} error={} tags={:?}",
+                seg.service,
+                seg.service_instance,
+                seg.trace_id,
+                sp.operation_name,
+                sp.peer,
+                sp.is_error,
+                sp.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect::<Vec<_>>()
+            );
+        }
+        segs = s.len();
+        let p = rx.store.properties();
+        for pr in &p[props..] {
+            println!("properties service={} instance={}", pr.service, pr.service_instance);
+        }
+        props = p.len();
+        let n = rx.store.pings().len();
+        if n != pings {
+            println!("pings total={n}");
+            pings = n;
+        }
+    }
+}
