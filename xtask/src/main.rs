@@ -53,6 +53,8 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 fn build() -> Result<PathBuf> {
     run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "observer"]))?;
+    // The test receiver (an OAP stand-in) is part of the demo too.
+    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "observer-tests", "--bin", "sw-receiver"]))?;
     Ok(root().join("target/release/observer"))
 }
 
@@ -113,8 +115,28 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     let _uwsgi = Guard(uwsgi, "uwsgi");
     wait_http(port)?;
     let master = std::fs::read_to_string(&pidfile)?.trim().to_string();
-    println!("== attaching: observer attach --pid {master}   (no restart, no code change)");
-    let observer = Command::new(bin).args(["attach", "--pid", &master]).spawn().context("starting the observer")?;
+    let oap_port = "18091";
+    println!("== starting a SkyWalking OAP stand-in (the test receiver) on 127.0.0.1:{oap_port}; its lines start with [oap]");
+    let mut rx = Command::new(root().join("target/release/sw-receiver"))
+        .arg(oap_port)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting sw-receiver")?;
+    let rx_out = rx.stdout.take().context("receiver stdout")?;
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(rx_out).lines().map_while(Result::ok) {
+            println!("[oap] {line}");
+        }
+    });
+    let _rx = Guard(rx, "sw-receiver");
+    let oap = format!("127.0.0.1:{oap_port}");
+    println!("== attaching: observer attach --pid {master} --oap {oap} --service demo-shop --framework flask");
+    println!("   (no restart, no code change)");
+    let observer = Command::new(bin)
+        .args(["attach", "--pid", &master, "--oap", &oap, "--service", "demo-shop", "--framework", "flask"])
+        .spawn()
+        .context("starting the observer")?;
     let mut observer = Guard(observer, "observer");
     sleep(Duration::from_secs(2));
     println!("== sending traffic for {seconds} s");
