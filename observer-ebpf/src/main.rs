@@ -9,7 +9,7 @@
 use core::{ffi::c_void, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{bpf_loop, bpf_probe_read_user as raw_read_user},
@@ -41,6 +41,8 @@ static TPCONFIG: Array<TpConfig> = Array::with_max_entries(1, 0);
 static SCRATCH: PerCpuArray<[u8; MAX_SCAN_VARS * 32]> = PerCpuArray::with_max_entries(1, 0);
 
 const CLONE_THREAD: u64 = 0x0001_0000;
+/// Pending bytes in EVENTS that justify waking the reader (about 20 request records).
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[inline(always)]
 fn bump(stat: Stat) {
@@ -262,7 +264,11 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
         }
         (*ev).flags = flags;
     }
-    entry.submit(0);
+    // Wake the reader only once a batch has piled up: one wakeup per event would cost the
+    // reader (and the CPU the app shares with it) far more than the event itself. The reader
+    // also drains on a short timer, so a quiet ring still reaches it promptly.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(flags as u64);
     bump(Stat::RequestsSent);
     Ok(())
 }

@@ -47,6 +47,8 @@ pub struct Options {
     pub component: Option<i32>,
     /// Statuses at or above this mark a span as an error.
     pub error_status: u16,
+    /// Also write the detach summary, as JSON, to this file.
+    pub summary_file: Option<PathBuf>,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -118,6 +120,7 @@ struct Session {
     oap: Option<export::oap::Oap>,
     /// Worker pid -> its SkyWalking instance name, once reported.
     reported: HashMap<u32, String>,
+    summary_file: Option<PathBuf>,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -171,6 +174,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
             None => None,
         },
         reported: HashMap::new(),
+        summary_file: opts.summary_file.clone(),
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
@@ -219,7 +223,9 @@ impl Session {
         let mut ring = unsafe { AsyncFd::register(RingFd(ring)) }
             .map_err(|e| e.into_parts().1)
             .context("polling the ring buffer")?;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // The kernel wakes us only once records pile up (see WAKEUP_BYTES in the eBPF
+        // crate); this tick bounds how long a record can wait in a quiet ring.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut ticks = 0u64;
         loop {
             tokio::select! {
@@ -232,9 +238,12 @@ impl Session {
                 _ = sig.term.recv() => break,
                 _ = tick.tick() => {
                     ticks += 1;
+                    self.drain(&mut ring.get_mut().0)?;
                     self.probes.flush_logs();
-                    self.report_new_drops();
-                    if ticks % 4 == 0 {
+                    if ticks % 5 == 0 {
+                        self.report_new_drops();
+                    }
+                    if ticks % 20 == 0 {
                         self.prune_dead();
                     }
                     if roots.iter().all(|r| !targets::exists(*r)) {
@@ -427,6 +436,10 @@ impl Session {
             let mut out = std::io::stdout().lock();
             serde_json::to_writer(&mut out, &self.summary)?;
             out.write_all(b"\n")?;
+        }
+        if let Some(path) = &self.summary_file {
+            let text = serde_json::to_string(&self.summary)?;
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
     }

@@ -76,6 +76,9 @@ enum Cmd {
         /// Seconds a detach may spend sending what is still queued.
         #[arg(long, default_value_t = 5)]
         flush_secs: u64,
+        /// Also write the detach summary (JSON) to this file.
+        #[arg(long, value_name = "FILE")]
+        summary_file: Option<PathBuf>,
         /// Testing aid: shift every struct offset by this many bytes, to prove that a wrong
         /// layout is detected on live data and the target refused.
         #[arg(long, hide = true, default_value_t = 0)]
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
         queue_max_bytes,
         heartbeat_secs,
         flush_secs,
+        summary_file,
     } = cli.cmd;
     let oap = oap.map(|address| OapConfig {
         address,
@@ -122,7 +126,8 @@ fn main() -> ExitCode {
         token: oap_token,
         queue_max: queue_max.max(1),
         queue_max_bytes,
-        batch: 200,
+        batch: 1000,
+        linger: Duration::from_millis(200),
         heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
         flush_timeout: Duration::from_secs(flush_secs),
     });
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
         service,
         component,
         error_status,
+        summary_file,
     })) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -35,6 +35,15 @@ def upload():
     return "got %d bytes\n" % len(data)
 
 
+@app.route("/work")
+def work():
+    """About 1 ms of pure-Python work (for the benchmark's second route)."""
+    total = 0
+    for i in range(20000):
+        total += i * i % 7
+    return "work %d\n" % total
+
+
 @app.route("/slow")
 def slow():
     import time

@@ -33,6 +33,9 @@ impl Store {
     pub fn segments(&self) -> Vec<SegmentObject> {
         self.0.lock().unwrap().segments.clone()
     }
+    pub fn segment_count(&self) -> usize {
+        self.0.lock().unwrap().segments.len()
+    }
     pub fn properties(&self) -> Vec<InstanceProperties> {
         self.0.lock().unwrap().properties.clone()
     }

@@ -1,6 +1,7 @@
 //! Project tasks cargo cannot do alone: `setup` (idempotent installs), `demo`, `test`.
 //! Run through `./x <task>`, which first makes sure the pinned Rust toolchain exists.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -30,6 +31,18 @@ enum Task {
     Demo {
         /// Seconds of traffic to send.
         #[arg(long, default_value_t = 6)]
+        seconds: u64,
+    },
+    /// Measure the observer's cost against the bare app and the in-process agent
+    /// (writes docs/benchmarks.md and docs/benchmarks.json).
+    Bench {
+        /// A few seconds per config, one round: the CI smoke test.
+        #[arg(long)]
+        short: bool,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
     /// Run every test: unit tests, then the privileged integration tests against real uWSGI.
@@ -67,6 +80,11 @@ fn main() -> Result<()> {
             setup::all()?;
             let bin = build()?;
             demo(&bin, seconds)
+        }
+        Task::Bench { short, rounds, seconds } => {
+            setup::all()?;
+            build()?;
+            bench::bench(&bench::observer_bin(), short, rounds, seconds)
         }
         Task::Test { filter } => {
             setup::all()?;

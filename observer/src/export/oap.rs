@@ -38,6 +38,8 @@ pub struct OapConfig {
     pub queue_max: usize,
     pub queue_max_bytes: usize,
     pub batch: usize,
+    /// How long a partial batch waits for more segments before it is sent.
+    pub linger: Duration,
     pub heartbeat: Duration,
     /// How long a detach may wait for the queue to drain.
     pub flush_timeout: Duration,
@@ -226,6 +228,12 @@ async fn run(s: Arc<Shared>, channel: Channel) {
             send_new_properties(&s, &mut mgmt).await;
         }
 
+        // One collect call per segment would cost more than the segment: let a partial
+        // batch fill for a moment (not when closing).
+        let pending = s.queue.lock().unwrap_or_else(|e| e.into_inner()).items.len();
+        if !closing && pending > 0 && pending < s.cfg.batch {
+            tokio::time::sleep(s.cfg.linger).await;
+        }
         let batch: Vec<SegmentObject> = {
             let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
             let b: Vec<SegmentObject> = q.items.iter().take(s.cfg.batch).map(|(seg, _)| seg.clone()).collect();

@@ -1,5 +1,6 @@
-//! The test receiver as a standalone program: `sw-receiver [PORT]` serves the OAP's trace
-//! and management services on 127.0.0.1 and prints one line per thing received.
+//! The test receiver as a standalone program: `sw-receiver [PORT] [--count]` serves the
+//! OAP's trace and management services on 127.0.0.1 and prints one line per thing received
+//! (with `--count`: only `segments total=N` whenever the count changes, for benchmarks).
 
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use observer_tests::receiver::Receiver;
 
 fn main() {
     let port: Option<u16> = std::env::args().nth(1).and_then(|p| p.parse().ok());
+    let count_only = std::env::args().any(|a| a == "--count");
     let rx = match port {
         Some(p) => Receiver::start_on(p),
         None => Receiver::start(),
@@ -15,6 +17,14 @@ fn main() {
     let (mut segs, mut props, mut pings) = (0, 0, 0);
     loop {
         std::thread::sleep(Duration::from_millis(200));
+        if count_only {
+            let n = rx.store.segment_count();
+            if n != segs {
+                println!("segments total={n}");
+                segs = n;
+            }
+            continue;
+        }
         let s = rx.store.segments();
         for seg in &s[segs..] {
             let sp = &seg.spans[0];
