@@ -75,6 +75,10 @@ pub struct Tracked {
 }
 pub const LAYOUT_NONE: u32 = u32::MAX;
 
+/// The eBPF side reads this many bytes from the start of `struct wsgi_request` in one go;
+/// every [`ReqLayout`] offset but `client_addr` must lie inside it (checked by userspace).
+pub const REQ_HEAD_BYTES: usize = 768;
+
 /// Byte offsets into `struct wsgi_request` for one uWSGI build.
 /// Every string field is a `char *` followed by a `uint16_t` length 8 bytes later.
 #[repr(C)]
@@ -94,6 +98,36 @@ pub struct ReqLayout {
     pub response_size: u32,
     pub async_id: u32,
     pub client_addr: u32,
+}
+
+impl ReqLayout {
+    /// Whether every field read from the struct's head fits in [`REQ_HEAD_BYTES`]
+    /// (string fields are a pointer plus a u16 length 8 bytes later).
+    pub fn fits_head(&self) -> bool {
+        let strings = [self.remote_addr, self.query_string, self.method, self.host, self.path_info];
+        let scalars = [
+            (self.fd, 4),
+            (self.hvec, 8),
+            (self.start_of_request, 8),
+            (self.end_of_request, 8),
+            (self.var_cnt, 2),
+            (self.status, 4),
+            (self.response_size, 8),
+            (self.async_id, 4),
+        ];
+        let mut ok = true;
+        let mut i = 0;
+        while i < strings.len() {
+            ok &= strings[i] as usize + 10 <= REQ_HEAD_BYTES;
+            i += 1;
+        }
+        let mut j = 0;
+        while j < scalars.len() {
+            ok &= scalars[j].0 as usize + scalars[j].1 <= REQ_HEAD_BYTES;
+            j += 1;
+        }
+        ok
+    }
 }
 
 /// Offsets inside tracepoint records, read from `<tracefs>/events/*/format`.

@@ -36,6 +36,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map(name = "TPCONFIG")]
 static TPCONFIG: Array<TpConfig> = Array::with_max_entries(1, 0);
 
+/// Copy of the first REQ_HEAD_BYTES of the request struct (all fields but client_addr).
+#[map(name = "HEAD")]
+static HEAD: PerCpuArray<[u8; REQ_HEAD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Scratch space for the request's iovec array (key iovec + value iovec per var).
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<[u8; MAX_SCAN_VARS * 32]> = PerCpuArray::with_max_entries(1, 0);
@@ -87,12 +91,25 @@ fn copy_user<const N: usize>(dst: *mut [u8; N], src: u64, len: u16) -> bool {
     rc >= 0
 }
 
-/// Copies a `char *` + `uint16_t` field pair of `struct wsgi_request`. Returns the length.
+type Head = [u8; REQ_HEAD_BYTES];
+
+/// A `T` at `off` in the copy of the request's head (0 when out of range).
 #[inline(always)]
-fn copy_field<const N: usize>(dst: *mut [u8; N], req: u64, off: u32, flags: &mut u32) -> u16 {
-    let ptr: u64 = read(req, off).unwrap_or(0);
-    let len: u16 = read(req, off + 8).unwrap_or(0);
-    if !copy_user(dst, ptr, len) {
+fn at<T: Copy + Default>(h: &Head, off: u32) -> T {
+    let o = (off as usize) & 1023;
+    if o + size_of::<T>() > REQ_HEAD_BYTES {
+        return T::default();
+    }
+    // SAFETY: in bounds (checked above); unaligned reads are fine on this target.
+    unsafe { core::ptr::read_unaligned(h.as_ptr().add(o) as *const T) }
+}
+
+/// Copies the string of a `char *` + `uint16_t` field pair of `struct wsgi_request`.
+/// Returns the length.
+#[inline(always)]
+fn copy_field<const N: usize>(dst: *mut [u8; N], h: &Head, off: u32, flags: &mut u32) -> u16 {
+    let len: u16 = at(h, off + 8);
+    if !copy_user(dst, at(h, off), len) {
         *flags |= FLAG_READ_ERROR;
     }
     len
@@ -186,6 +203,18 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     };
     let ev = entry.as_mut_ptr();
     let mut flags = 0u32;
+    // One read of the struct's head instead of one per field: each user-memory read costs
+    // far more than picking fields out of a copy.
+    let Some(head) = HEAD.get_ptr_mut(0) else {
+        entry.discard(0);
+        return Ok(());
+    };
+    // SAFETY: per-CPU map value of REQ_HEAD_BYTES bytes.
+    if unsafe { raw_read_user(head as *mut c_void, REQ_HEAD_BYTES as u32, req as *const c_void) } < 0 {
+        flags |= FLAG_READ_ERROR;
+    }
+    // SAFETY: as above; only read from here on.
+    let h = unsafe { &*head };
     // SAFETY: `ev` is a live reservation of size_of::<RequestEvent>(); we only write fields.
     unsafe {
         (*ev).kind = EventKind::Request as u32;
@@ -193,13 +222,13 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
         (*ev).tid = tid;
         (*ev).instance = tracked.instance;
         (*ev).req = req;
-        (*ev).fd = read(req, layout.fd).unwrap_or(-1);
-        (*ev).start_us = read(req, layout.start_of_request).unwrap_or(0);
-        (*ev).end_us = read(req, layout.end_of_request).unwrap_or(0);
-        (*ev).response_size = read(req, layout.response_size).unwrap_or(0);
-        (*ev).status = read(req, layout.status).unwrap_or(0);
-        (*ev).async_id = read(req, layout.async_id).unwrap_or(-1);
-        let var_cnt: u16 = read(req, layout.var_cnt).unwrap_or(0);
+        (*ev).fd = at(h, layout.fd);
+        (*ev).start_us = at(h, layout.start_of_request);
+        (*ev).end_us = at(h, layout.end_of_request);
+        (*ev).response_size = at(h, layout.response_size);
+        (*ev).status = at(h, layout.status);
+        (*ev).async_id = at(h, layout.async_id);
+        let var_cnt: u16 = at(h, layout.var_cnt);
         (*ev).var_cnt = var_cnt as u32;
         match read::<[u8; SOCKADDR_CAP]>(req, layout.client_addr) {
             Ok(sa) => (*ev).sockaddr = sa,
@@ -208,17 +237,15 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
                 flags |= FLAG_READ_ERROR;
             }
         }
-        (*ev).method_len = copy_field(addr_of_mut!((*ev).method), req, layout.method, &mut flags);
-        (*ev).path_len = copy_field(addr_of_mut!((*ev).path), req, layout.path_info, &mut flags);
-        (*ev).query_len =
-            copy_field(addr_of_mut!((*ev).query), req, layout.query_string, &mut flags);
-        (*ev).host_len = copy_field(addr_of_mut!((*ev).host), req, layout.host, &mut flags);
-        (*ev).remote_addr_len =
-            copy_field(addr_of_mut!((*ev).remote_addr), req, layout.remote_addr, &mut flags);
+        (*ev).method_len = copy_field(addr_of_mut!((*ev).method), h, layout.method, &mut flags);
+        (*ev).path_len = copy_field(addr_of_mut!((*ev).path), h, layout.path_info, &mut flags);
+        (*ev).query_len = copy_field(addr_of_mut!((*ev).query), h, layout.query_string, &mut flags);
+        (*ev).host_len = copy_field(addr_of_mut!((*ev).host), h, layout.host, &mut flags);
+        (*ev).remote_addr_len = copy_field(addr_of_mut!((*ev).remote_addr), h, layout.remote_addr, &mut flags);
 
         // Vars uWSGI does not parse into fields: find them in the iovec array. The scan runs
         // in bpf_loop so the verifier checks one iteration, not every path through 64.
-        let hvec: u64 = read(req, layout.hvec).unwrap_or(0);
+        let hvec: u64 = at(h, layout.hvec);
         let pairs = (var_cnt / 2) as usize;
         if pairs > MAX_SCAN_VARS {
             flags |= FLAG_VARS_TRUNCATED;

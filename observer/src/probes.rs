@@ -10,7 +10,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{uprobe::UProbeScope, TracePoint, UProbe},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        TracePoint, UProbe,
+    },
     Ebpf, EbpfLoader,
 };
 use observer_common::*;
@@ -165,6 +168,9 @@ impl Probes {
     /// Puts the request uprobe into `target`'s file (once per file; it fires for every
     /// process that maps it and the kernel filters by TRACKED) and returns its layout slot.
     pub fn attach_target(&mut self, target: &ProbeTarget) -> Result<u32> {
+        if !target.layout.fits_head() {
+            bail!("uWSGI {} ({}): request layout reaches past the {REQ_HEAD_BYTES}-byte head the probe reads", target.version, target.display);
+        }
         let slot = match self.layout_slots.iter().position(|l| *l == target.layout) {
             Some(i) => i as u32,
             None => {
@@ -179,7 +185,8 @@ impl Probes {
         };
         if !self.attached.contains_key(&(target.dev, target.ino)) {
             let up: &mut UProbe = self.ebpf.program_mut("after_request").context("after_request")?.try_into()?;
-            up.attach([HANDLER_SYMBOL], &target.path, UProbeScope::AllProcesses)
+            let at = UProbeAttachLocation::SymbolOffset(HANDLER_SYMBOL, target.entry_offset);
+            up.attach([at], &target.path, UProbeScope::AllProcesses)
                 .with_context(|| format!("attaching uprobe {HANDLER_SYMBOL} in {}", target.display))?;
             self.attached.insert((target.dev, target.ino), target.display.clone());
         }

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 use observer_common::ReqLayout;
 
 /// The uprobe's function: `void uwsgi_after_request_wsgi(struct wsgi_request *)`.
@@ -145,6 +145,50 @@ pub struct ProbeTarget {
     pub version: String,
     pub ssl: bool,
     pub layout: ReqLayout,
+    /// Bytes into the handler where the probe goes (see [`cheap_probe_offset`]).
+    pub entry_offset: u64,
+}
+
+/// Where in a function's first bytes a uprobe is cheapest. The kernel emulates a `push`
+/// under the breakpoint, but most other instructions must be single-stepped out of line,
+/// which costs a second trap (several microseconds in a VM). pip's uwsgi starts
+/// `uwsgi_after_request_wsgi` with `cmpq $0, x(%rip)` then `push %rbx`: probing the push is
+/// equivalent (the compare only sets flags, never branches, and leaves the argument in rdi).
+/// Only such side-effect-free, non-branching prefixes are skipped; otherwise 0.
+pub fn cheap_probe_offset(code: &[u8]) -> u64 {
+    let is_push = |b: &[u8]| match b {
+        [0x50..=0x57, ..] => true,
+        [0x41, 0x50..=0x57, ..] => true,
+        _ => false,
+    };
+    let mut off = 0usize;
+    for _ in 0..2 {
+        let rest = code.get(off..).unwrap_or(&[]);
+        if is_push(rest) {
+            return off as u64;
+        }
+        match rest {
+            // endbr64
+            [0xf3, 0x0f, 0x1e, 0xfa, ..] => off += 4,
+            // cmpq $imm8, disp32(%rip)
+            [0x48, 0x83, 0x3d, _, _, _, _, _, ..] => off += 8,
+            _ => return 0,
+        }
+    }
+    if is_push(code.get(off..).unwrap_or(&[])) {
+        off as u64
+    } else {
+        0
+    }
+}
+
+/// The first bytes of `sym` in an ELF image.
+fn function_bytes(data: &[u8], sym: &str) -> Option<Vec<u8>> {
+    let file = object::File::parse(data).ok()?;
+    let s = file.dynamic_symbols().chain(file.symbols()).find(|s| s.name() == Ok(sym) && s.is_definition())?;
+    let sec = file.section_by_index(s.section_index()?).ok()?;
+    let bytes = sec.data_range(s.address(), 16).ok()??;
+    Some(bytes.to_vec())
 }
 
 /// Executable file mappings of a process, from /proc/PID/maps.
@@ -324,13 +368,17 @@ pub fn probe_target(pid: u32) -> Result<ProbeTarget, TargetError> {
         }
     }
     let (display, path) = handler.ok_or(TargetError::NoHandler { pid })?;
+    let entry_offset = fs::read(&path)
+        .ok()
+        .and_then(|d| function_bytes(&d, HANDLER_SYMBOL))
+        .map_or(0, |b| cheap_probe_offset(&b));
     let (core_data, ssl) = core.ok_or(TargetError::NoHandler { pid })?;
     let version = find_version(&core_data)
         .ok_or_else(|| TargetError::NoVersion { pid, path: display.clone() })?;
     let layout = layout_for(&version, ssl)
         .ok_or_else(|| TargetError::UnknownVersion { pid, version: version.clone() })?;
     let md = fs::metadata(&path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
-    Ok(ProbeTarget { path, display, dev: md.dev(), ino: md.ino(), version, ssl, layout })
+    Ok(ProbeTarget { path, display, dev: md.dev(), ino: md.ino(), version, ssl, layout, entry_offset })
 }
 
 #[cfg(test)]
@@ -403,9 +451,26 @@ mod tests {
     }
 
     #[test]
+    fn probe_offsets() {
+        // pip uwsgi 2.0.31: cmpq $0x0,0x89698(%rip); push %rbx
+        assert_eq!(cheap_probe_offset(&[0x48, 0x83, 0x3d, 0x98, 0x96, 0x08, 0x00, 0x00, 0x53, 0x48]), 8);
+        // Debian plugin: push %rbp first
+        assert_eq!(cheap_probe_offset(&[0x55, 0x48, 0x89, 0xfd]), 0);
+        assert_eq!(cheap_probe_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x41, 0x54]), 4);
+        assert_eq!(cheap_probe_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0x3d, 1, 2, 3, 4, 0, 0x53]), 12);
+        // Anything else stays at the symbol.
+        assert_eq!(cheap_probe_offset(&[0x48, 0x83, 0xec, 0x08]), 0);
+        assert_eq!(cheap_probe_offset(&[0x48, 0x83, 0x3d, 1, 2, 3, 4, 0, 0x74, 0x10]), 0);
+        assert_eq!(cheap_probe_offset(&[0x48, 0x83, 0x3d]), 0);
+        assert_eq!(cheap_probe_offset(&[]), 0);
+    }
+
+    #[test]
     fn layouts() {
         let l = layout_for("2.0.31", true).unwrap();
         assert_eq!((l.method, l.status, l.client_addr), (272, 696, 1436));
+        assert!(l.fits_head());
+        assert!(!shifted(l, 100).fits_head());
         assert_eq!(layout_for("2.0.21-debian", false).unwrap().client_addr, 1428);
         assert!(layout_for("2.1.0", true).is_none());
         assert!(layout_for("3", true).is_none());

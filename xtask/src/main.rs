@@ -203,8 +203,14 @@ fn test(bin: &Path, filter: Option<String>) -> Result<()> {
         .args(["test", "--release", "-p", "observer-tests", "--", "--test-threads=1"])
         .env("OBSERVER_BIN", bin)
         .env("OBSERVER_VENV", setup::venv());
+    let smoke = filter.is_none();
     if let Some(f) = filter {
         c.arg(f);
     }
-    run(&mut c)
+    run(&mut c)?;
+    if smoke {
+        println!("== benchmark smoke run (completes, every span arrives; timings are not asserted)");
+        bench::bench(bin, true, 1, 2)?;
+    }
+    Ok(())
 }
