@@ -209,6 +209,12 @@ pub async fn attach(opts: Options) -> Result<Summary> {
             target.version, target.display
         );
     }
+    // Loading parsed the kernel's BTF (tens of MB, now freed): give that memory back.
+    // SAFETY: plain glibc call, no preconditions.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
     s.run(ring, &roots, signals).await?;
     if let Some(oap) = s.oap.take() {
         oap.shutdown_into(&mut s.summary).await;

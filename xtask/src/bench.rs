@@ -42,7 +42,6 @@ struct Run {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
-    requests: u64,
     app_cpu_us_per_req: f64,
     observer_cpu_us_per_req: f64,
     observer_rss_mb: f64,
@@ -119,7 +118,7 @@ fn cpu_us(pid: u32) -> u64 {
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())))
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())))
         .flatten()
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
@@ -269,7 +268,6 @@ fn one_run(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path) -> 
         rps: w.rps,
         p50_ms: w.p50_ms,
         p99_ms: w.p99_ms,
-        requests: w.requests,
         app_cpu_us_per_req: (app_cpu1 - app_cpu0) as f64 / w.requests as f64,
         observer_cpu_us_per_req: (obs_cpu1 - obs_cpu0) as f64 / w.requests as f64,
         ..Default::default()
