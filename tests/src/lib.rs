@@ -88,13 +88,18 @@ impl Uwsgi {
     }
 
     pub fn start_app(build: Build, tag: &str, args: &[&str], ready: Ready, file: &str, callable: &str) -> Uwsgi {
-        Self::start_full(build, tag, args, ready, file, callable, &[])
+        Self::start_full(build, tag, args, ready, file, callable, &[], &[])
+    }
+
+    /// Starts the pip build with extra environment variables.
+    pub fn start_env(tag: &str, args: &[&str], ready: Ready, env: &[(&str, &str)]) -> Uwsgi {
+        Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", &[], env)
     }
 
     /// Starts the pip build under the official SkyWalking Python agent
     /// (`sw-python run -p uwsgi ...`), with `env` (SW_AGENT_* settings).
     pub fn start_with_agent(tag: &str, args: &[&str], ready: Ready, env: &[(&str, &str)]) -> Uwsgi {
-        Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", env)
+        Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", env, &[])
     }
 
     fn start_full(
@@ -105,6 +110,7 @@ impl Uwsgi {
         file: &str,
         callable: &str,
         agent_env: &[(&str, &str)],
+        env: &[(&str, &str)],
     ) -> Uwsgi {
         let dir = tmpdir(tag);
         let pidfile = dir.join("uwsgi.pid");
@@ -123,6 +129,7 @@ impl Uwsgi {
             c.env("PATH", format!("{}:{}", venv().join("bin").display(), std::env::var("PATH").unwrap_or_default()));
             c
         };
+        cmd.envs(env.iter().copied());
         cmd.current_dir(apps())
             .args(args)
             .args(["--wsgi-file", file, "--callable", callable, "--pidfile"])

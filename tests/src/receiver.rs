@@ -90,6 +90,8 @@ type Shutdown = tokio::sync::oneshot::Sender<()>;
 pub struct Receiver {
     pub store: Store,
     pub port: u16,
+    /// PEM certificate and key: serve over TLS.
+    tls: Option<(Vec<u8>, Vec<u8>)>,
     running: Option<(Shutdown, std::thread::JoinHandle<()>)>,
 }
 
@@ -99,7 +101,14 @@ impl Receiver {
     }
 
     pub fn start_on(port: u16) -> Receiver {
-        let mut r = Receiver { store: Store::default(), port, running: None };
+        let mut r = Receiver { store: Store::default(), port, tls: None, running: None };
+        r.resume();
+        r
+    }
+
+    /// Serves over TLS with this PEM certificate and key.
+    pub fn start_tls(cert: Vec<u8>, key: Vec<u8>) -> Receiver {
+        let mut r = Receiver { store: Store::default(), port: crate::free_port(), tls: Some((cert, key)), running: None };
         r.resume();
         r
     }
@@ -113,6 +122,7 @@ impl Receiver {
         assert!(self.running.is_none());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let store = self.store.clone();
+        let tls = self.tls.clone();
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let h = std::thread::spawn(move || {
@@ -129,7 +139,12 @@ impl Receiver {
                 let shutdown: Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
                     let _ = rx.await;
                 });
-                tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some((cert, key)) = tls {
+                    let id = tonic::transport::Identity::from_pem(cert, key);
+                    builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id)).unwrap();
+                }
+                builder
                     .add_service(TraceSegmentReportServiceServer::new(store.clone()))
                     .add_service(ManagementServiceServer::new(store))
                     .serve_with_incoming_shutdown(incoming, shutdown)

@@ -246,3 +246,25 @@ fn wrong_layout_is_refused_not_printed() {
     // The app is unharmed.
     assert_eq!(curl(&u.url("/"), &[]).status, 200);
 }
+
+#[test]
+fn mounts_tracefs_when_missing() {
+    require_root();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let u = Uwsgi::start(Build::Pip, "tracefs", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    // In a private mount namespace with no tracefs anywhere, the observer mounts it itself.
+    let script = format!(
+        "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; \
+         test ! -d /sys/kernel/tracing/events || exit 90; \
+         {} attach --pid {} --format json & p=$!; sleep 3; \
+         test -d /sys/kernel/tracing/events || exit 91; kill -INT $p; wait $p",
+        observer_bin().display(),
+        u.master_pid()
+    );
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}: {err}", out.status.code());
+    assert!(err.contains("observer: attached"), "{err}");
+    assert!(err.contains("observer: detached."), "{err}");
+}

@@ -33,8 +33,18 @@ fn start(tag: &str, extra: &[&str]) -> Uwsgi {
 
 #[test]
 fn worker_kill9_and_respawn() {
+    kill9_respawn("kill9", &["--workers", "1"]);
+}
+
+#[test]
+fn lazy_apps_worker_kill9_and_respawn() {
+    // With --lazy-apps the respawned worker imports the app itself after the fork.
+    kill9_respawn("kill9-lazy", &["--workers", "1", "--lazy-apps"]);
+}
+
+fn kill9_respawn(tag: &str, args: &[&str]) {
     require_root();
-    let u = start("kill9", &["--workers", "1"]);
+    let u = start(tag, args);
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
     send(&u, "before", 0..3);
     obs.wait_requests(3);

@@ -428,3 +428,69 @@ fn official_agent_reports_into_the_receiver_and_parity() {
         }
     }
 }
+
+#[test]
+fn tls_to_the_oap() {
+    require_root();
+    let dir = tmpdir("tls");
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let cert = std::fs::read(dir.join("cert.pem")).unwrap();
+    let key = std::fs::read(dir.join("key.pem")).unwrap();
+    let rx = Receiver::start_tls(cert, key);
+    let (u, _) = start_app("sw-tls", "1");
+    let ca = dir.join("cert.pem");
+    let obs = attach_oap(&u, &rx, &["--service", "tls", "--oap-tls-ca", ca.to_str().unwrap()]);
+    for k in 0..3 {
+        assert_eq!(curl(&u.url(&format!("/users/{k}")), &[]).status, 200);
+    }
+    wait_until("segments over TLS", Duration::from_secs(20), || rx.store.segments().len() == 3);
+    let (summary, _) = obs.stop();
+    assert_eq!(summary["oap_sent"], 3);
+    // Without the CA the server is not trusted: nothing is delivered, and it is counted.
+    let rx2 = Receiver::start_tls(std::fs::read(dir.join("cert.pem")).unwrap(), std::fs::read(dir.join("key.pem")).unwrap());
+    let obs = attach_oap(&u, &rx2, &["--service", "tls", "--oap-tls-ca", "/etc/ssl/certs/ca-certificates.crt", "--flush-secs", "1"]);
+    assert_eq!(curl(&u.url("/users/9"), &[]).status, 200);
+    obs.wait_requests(1);
+    let (summary, _) = obs.stop();
+    assert_eq!(rx2.store.segments().len(), 0);
+    assert_eq!(summary["oap_sent"], 0);
+    assert_eq!(summary["oap_dropped_at_shutdown"], 1, "{summary}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn service_name_from_the_targets_environment() {
+    require_root();
+    let rx = Receiver::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let u = Uwsgi::start_env(
+        "sw-env",
+        &["--master", "--workers", "1", "--http-socket", &addr],
+        Ready::Port(port),
+        &[("SW_AGENT_NAME", "from-env"), ("DJANGO_SETTINGS_MODULE", "x.settings")],
+    );
+    let obs = attach_oap(&u, &rx, &[]);
+    assert!(obs.stderr().contains("as service \"from-env\" (SW_AGENT_NAME of the target), component 7004"), "{}", obs.stderr());
+    assert_eq!(curl(&u.url("/users/1"), &[]).status, 200);
+    wait_until("segment", Duration::from_secs(20), || rx.store.segments().len() == 1);
+    obs.stop();
+    let seg = &rx.store.segments()[0];
+    assert_eq!(seg.service, "from-env");
+    assert_eq!(seg.spans[0].component_id, 7004);
+    // No flag, no environment: the app named on the command line.
+    let (u2, _) = start_app("sw-env2", "1");
+    let rx2 = Receiver::start();
+    let obs = attach_oap(&u2, &rx2, &[]);
+    assert!(obs.stderr().contains("as service \"flask_app\" (the app named on uWSGI's command line), component 7000"), "{}", obs.stderr());
+    obs.stop();
+}
