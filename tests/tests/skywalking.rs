@@ -316,6 +316,9 @@ fn oap_outage_keeps_what_fits_and_counts_the_rest() {
     assert!(flood.contains(&229) && !flood.contains(&200), "{flood:?}");
     assert_eq!(summary["oap_dropped_at_shutdown"], 0);
     assert!(stderr.contains("dropped_queue_full=10"), "{stderr}");
+    // The outage and the recovery were told to the user as they happened.
+    assert!(stderr.contains(&format!("observer: warning: OAP {} unreachable", rx.address())), "{stderr}");
+    assert!(stderr.contains("reachable again"), "{stderr}");
 }
 
 /// The official Python agent, run the way its docs say for uWSGI, reporting into our
@@ -433,26 +436,29 @@ fn official_agent_reports_into_the_receiver_and_parity() {
 fn tls_to_the_oap() {
     require_root();
     let dir = tmpdir("tls");
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // A CA, and a server certificate for 127.0.0.1 signed by it (as an OAP would have).
+    let sh = |script: &str| {
+        let o = Command::new("sh").arg("-c").arg(script).current_dir(&dir).output().unwrap();
+        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem");
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out server.csr");
+    sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext.cnf && \
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem");
     let cert = std::fs::read(dir.join("cert.pem")).unwrap();
     let key = std::fs::read(dir.join("key.pem")).unwrap();
     let rx = Receiver::start_tls(cert, key);
     let (u, _) = start_app("sw-tls", "1");
-    let ca = dir.join("cert.pem");
+    let ca = dir.join("ca.pem");
     let obs = attach_oap(&u, &rx, &["--service", "tls", "--oap-tls-ca", ca.to_str().unwrap()]);
     for k in 0..3 {
         assert_eq!(curl(&u.url(&format!("/users/{k}")), &[]).status, 200);
     }
-    wait_until("segments over TLS", Duration::from_secs(20), || rx.store.segments().len() == 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rx.store.segments().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no segments over TLS: {}", obs.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (summary, _) = obs.stop();
     assert_eq!(summary["oap_sent"], 3);
     // Without the CA the server is not trusted: nothing is delivered, and it is counted.
@@ -460,6 +466,7 @@ fn tls_to_the_oap() {
     let obs = attach_oap(&u, &rx2, &["--service", "tls", "--oap-tls-ca", "/etc/ssl/certs/ca-certificates.crt", "--flush-secs", "1"]);
     assert_eq!(curl(&u.url("/users/9"), &[]).status, 200);
     obs.wait_requests(1);
+    wait_until("the TLS failure reported", Duration::from_secs(10), || obs.stderr().contains("invalid peer certificate"));
     let (summary, _) = obs.stop();
     assert_eq!(rx2.store.segments().len(), 0);
     assert_eq!(summary["oap_sent"], 0);

@@ -215,6 +215,9 @@ async fn run(s: Arc<Shared>, channel: Channel) {
     let mut backoff = Duration::from_millis(100);
     let mut next_ping = tokio::time::Instant::now();
     let mut flush_deadline: Option<tokio::time::Instant> = None;
+    // The last failure told to the user: each new kind of failure, and the recovery, are
+    // printed once, not per retry.
+    let mut last_error: Option<String> = None;
     loop {
         let closing = s.closing.load(Ordering::SeqCst);
         if closing && flush_deadline.is_none() {
@@ -265,6 +268,9 @@ async fn run(s: Arc<Shared>, channel: Channel) {
                 drop(q);
                 s.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
+                if last_error.take().is_some() {
+                    eprintln!("observer: OAP {} reachable again; queued segments are being sent", s.cfg.address);
+                }
             }
             Err(e) => {
                 {
@@ -273,6 +279,14 @@ async fn run(s: Arc<Shared>, channel: Channel) {
                     q.enforce(s.cfg.queue_max, s.cfg.queue_max_bytes, &s.stats.dropped_queue_full);
                 }
                 s.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                let msg = e.message().to_string();
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    eprintln!(
+                        "observer: warning: OAP {} unreachable ({msg}); segments wait in the queue (bound {}) and are retried",
+                        s.cfg.address, s.cfg.queue_max
+                    );
+                    last_error = Some(msg);
+                }
                 log::debug!("OAP collect failed: {e}");
                 if let Some(d) = flush_deadline {
                     if tokio::time::Instant::now() >= d {
