@@ -294,12 +294,15 @@ fn oap_outage_keeps_what_fits_and_counts_the_rest() {
     rx.pause();
     // Outage within the bound: all 15 wait in the queue and arrive after it.
     send(100..115);
+    let warned = |n: usize| obs.stderr().matches("unreachable").count() >= n;
+    wait_until("the outage reported", Duration::from_secs(10), || warned(1));
     rx.resume();
     wait_until("outage segments delivered", Duration::from_secs(20), || rx.store.segments().len() == 20);
     assert_eq!(paths(&rx, 100..115).len(), 15);
     // Outage beyond the bound (20): 30 requests, so 10 are dropped, oldest first.
     rx.pause();
     send(200..230);
+    wait_until("the second outage reported", Duration::from_secs(10), || warned(2));
     rx.resume();
     wait_until("flood segments delivered", Duration::from_secs(20), || rx.store.segments().len() == 40);
     let (summary, stderr) = obs.stop();
