@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "language-agent/Meter.proto",
     "management/Management.proto",
     "logging/Logging.proto",
+    "event/Event.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,6 +12,7 @@ import sys
 
 from google.protobuf import descriptor_pb2, json_format
 from skywalking.protocol.common import Command_pb2, Common_pb2  # noqa: F401
+from skywalking.protocol.event import Event_pb2  # noqa: F401
 from skywalking.protocol.language_agent import Meter_pb2, Tracing_pb2  # noqa: F401
 from skywalking.protocol.logging import Logging_pb2  # noqa: F401
 from skywalking.protocol.management import Management_pb2  # noqa: F401
