@@ -179,7 +179,8 @@ pub const HOST_CAP: usize = 128;
 pub const ADDR_CAP: usize = 64;
 pub const PORT_CAP: usize = 8;
 pub const ROUTER_CAP: usize = 8;
-pub const SW8_CAP: usize = 1024;
+/// The protocol caps sw8 at 2 KB.
+pub const SW8_CAP: usize = 2048;
 pub const SW8_CORR_CAP: usize = 512;
 pub const SW8_X_CAP: usize = 64;
 pub const SOCKADDR_CAP: usize = 28;
@@ -252,7 +253,7 @@ const _: () = assert!(core::mem::size_of::<Tracked>() == 8);
 const _: () = assert!(core::mem::size_of::<ReqLayout>() == 56);
 const _: () = assert!(core::mem::size_of::<TpConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 2968);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 3992);
 const _: () = assert!(core::mem::offset_of!(RequestEvent, sockaddr) == 88);
 const _: () = assert!(core::mem::offset_of!(RequestEvent, method) == 120);
 

@@ -51,7 +51,9 @@ const WAKEUP_BYTES: u64 = 64 * 1024;
 #[inline(always)]
 fn bump(stat: Stat) {
     if let Some(p) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        // Per-CPU slot. Not atomic (the bpfel target has no 64-bit fetch_add in core); on a
+        // preemptible kernel a preempted run could lose a count (docs/architecture.md).
+        // SAFETY: p points to a live, aligned u64 map slot.
         unsafe { *p += 1 };
     }
 }

@@ -50,8 +50,10 @@ pub enum Invalid {
 
 impl Invalid {
     /// Whether this rejection hints at a wrong struct layout (as opposed to odd traffic).
+    /// A bad method or a NUL in the path can come from a client (uWSGI URL-decodes
+    /// PATH_INFO and does not check the method), so they never count toward a refusal.
     pub fn suspects_layout(self) -> bool {
-        !matches!(self, Invalid::NoRequest | Invalid::NoMethod)
+        matches!(self, Invalid::ReadError | Invalid::Time | Invalid::Family | Invalid::Status)
     }
 }
 
@@ -236,6 +238,14 @@ impl Decoder {
 
     fn keep(&self, header: &str) -> bool {
         !self.drop.iter().any(|d| d == header)
+    }
+
+    /// Pids with connection state.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.conn_peer.keys().map(|(p, _)| *p).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// Forgets connection state of a process that exited.
@@ -484,6 +494,7 @@ mod tests {
         e.method_len = 0;
         assert_eq!(validate(&e, NOW), Err(Invalid::NoMethod));
         assert!(!Invalid::NoMethod.suspects_layout() && Invalid::Status.suspects_layout());
+        assert!(!Invalid::Nul.suspects_layout() && !Invalid::Method.suspects_layout());
         let mut e = sample();
         e.method_len = 0;
         e.path_len = 0;

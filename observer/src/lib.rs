@@ -16,7 +16,7 @@ use std::{
     io::Write,
     os::fd::AsRawFd,
     path::PathBuf,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -87,6 +87,8 @@ pub struct Summary {
     pub oap_send_failures: u64,
     pub oap_properties_sent: u64,
     pub oap_heartbeats_sent: u64,
+    /// Writes to the output that failed (printing stops after the first).
+    pub output_errors: u64,
     /// Requests whose header scan stopped early (sw8 headers past the limit may be missed).
     pub vars_truncated: u64,
 }
@@ -114,13 +116,17 @@ struct Session {
     decoder: Decoder,
     printer: Printer<std::io::BufWriter<std::io::Stdout>>,
     instances: HashMap<u32, InstanceState>,
+    /// Live workers seen serving (pruned on exit), and how many were ever seen.
     workers: HashSet<u32>,
+    workers_seen: usize,
     summary: Summary,
     last_drops: u64,
     oap: Option<export::oap::Oap>,
     /// Worker pid -> its SkyWalking instance name, once reported.
     reported: HashMap<u32, String>,
     summary_file: Option<PathBuf>,
+    /// Processes that exec'd and whose new image is not resolved yet, since when.
+    pending_exec: HashMap<u32, Instant>,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -167,6 +173,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         printer: Printer::new(std::io::BufWriter::new(std::io::stdout()), opts.format),
         instances: HashMap::new(),
         workers: HashSet::new(),
+        workers_seen: 0,
         summary: Summary { kind: "summary", ..Default::default() },
         last_drops: 0,
         oap: match opts.oap.clone() {
@@ -175,6 +182,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         },
         reported: HashMap::new(),
         summary_file: opts.summary_file.clone(),
+        pending_exec: HashMap::new(),
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
@@ -249,6 +257,9 @@ impl Session {
                     if ticks % 5 == 0 {
                         self.report_new_drops();
                     }
+                    if ticks % 5 == 0 && !self.pending_exec.is_empty() {
+                        self.resolve_pending();
+                    }
                     if ticks % 20 == 0 {
                         self.prune_dead();
                     }
@@ -275,7 +286,8 @@ impl Session {
                 }
             }
         }
-        self.printer.flush().context("writing output")?;
+        let r = self.printer.flush();
+        self.output_result(r);
         Ok(())
     }
 
@@ -311,7 +323,9 @@ impl Session {
         st.valid += 1;
         let r = self.decoder.request(ev);
         self.summary.requests += 1;
-        self.workers.insert(r.worker_pid);
+        if self.workers.insert(r.worker_pid) {
+            self.workers_seen += 1;
+        }
         if let (Some(oap), Some(cfg)) = (&self.oap, &st.spans) {
             let (seg, notes) = spans::segment(&r, cfg);
             if notes.sw8_malformed {
@@ -327,7 +341,21 @@ impl Session {
             }
             oap.push(seg);
         }
-        self.printer.request(&r).context("writing output")
+        let res = self.printer.request(&r);
+        self.output_result(res);
+        Ok(())
+    }
+
+    /// A broken output (closed pipe, full disk) must not stop the observer, its OAP
+    /// reporting or its summary: printing stops, once, with a warning, and is counted.
+    fn output_result(&mut self, r: std::io::Result<()>) {
+        if let Err(e) = r {
+            if self.printer.format() != Format::None {
+                eprintln!("observer: warning: writing output failed ({e}); printing stops, everything else goes on");
+                self.printer.disable();
+            }
+            self.summary.output_errors += 1;
+        }
     }
 
     fn refuse(&mut self, instance: u32) {
@@ -346,32 +374,58 @@ impl Session {
                 self.summary.exits += 1;
                 self.decoder.forget_pid(ev.pid);
                 self.forget_instance(ev.pid);
+                self.workers.remove(&ev.pid);
+                self.pending_exec.remove(&ev.pid);
             }
             Ok(ProcAction::Exec) => {
                 self.summary.execs += 1;
-                self.on_exec(ev.pid, ev.instance);
+                self.on_exec(ev.pid);
             }
             Err(_) => {}
         }
-        self.printer.process(&rec).context("writing output")
+        let res = self.printer.process(&rec);
+        self.output_result(res);
+        Ok(())
     }
 
     /// After execve a process may be uWSGI again (master on HUP, maybe a new build) or
     /// something else (a worker's subprocess): re-resolve it.
-    fn on_exec(&mut self, pid: u32, instance: u32) {
+    fn on_exec(&mut self, pid: u32) {
         if !targets::is_uwsgi(pid) {
             self.probes.untrack(pid);
             return;
         }
-        let refused = self.instances.get(&instance).is_some_and(|s| s.refused);
-        match targets::probe_target(pid).map_err(anyhow::Error::from).and_then(|t| {
-            let slot = if refused { LAYOUT_NONE } else { self.probes.attach_target(&t)? };
-            self.probes.track(pid, Tracked { instance, layout: slot })
-        }) {
-            Ok(()) => {}
-            Err(e) => {
-                eprintln!("observer: warning: pid {pid} after exec: {e:#}; not observed");
-                self.probes.untrack(pid);
+        // Keep following it meanwhile: right after execve only the executable is mapped,
+        // and a handler in a plugin (Debian) appears once uWSGI loads it.
+        self.pending_exec.insert(pid, Instant::now());
+        self.resolve_pending();
+    }
+
+    /// Re-resolves processes that exec'd: attaches the uprobe to a new build's file if it
+    /// changed, and moves them to its layout. Gives up (with a warning) after 60 s.
+    fn resolve_pending(&mut self) {
+        let pending: Vec<(u32, Instant)> = self.pending_exec.iter().map(|(p, t)| (*p, *t)).collect();
+        for (pid, since) in pending {
+            let Some(t) = self.probes.tracked(pid) else {
+                self.pending_exec.remove(&pid);
+                continue;
+            };
+            let refused = self.instances.get(&t.instance).is_some_and(|s| s.refused);
+            let result = targets::probe_target(pid).map_err(anyhow::Error::from).and_then(|target| {
+                let slot = if refused { LAYOUT_NONE } else { self.probes.attach_target(&target)? };
+                self.probes.track(pid, Tracked { instance: t.instance, layout: slot })
+            });
+            match result {
+                Ok(()) => {
+                    self.pending_exec.remove(&pid);
+                }
+                Err(e) if since.elapsed() > Duration::from_secs(60) || !targets::exists(pid) => {
+                    self.pending_exec.remove(&pid);
+                    if targets::exists(pid) {
+                        eprintln!("observer: warning: pid {pid} after exec: {e:#}; keeping its previous probe");
+                    }
+                }
+                Err(_) => {}
             }
         }
     }
@@ -391,9 +445,17 @@ impl Session {
                 self.decoder.forget_pid(pid);
             }
         }
-        let gone: Vec<u32> = self.reported.keys().copied().filter(|p| !targets::exists(*p)).collect();
+        // Exit records lost to a full ring leave state behind: drop it for dead pids.
+        let gone: Vec<u32> = self.reported.keys().chain(self.workers.iter()).copied().filter(|p| !targets::exists(*p)).collect();
         for pid in gone {
             self.forget_instance(pid);
+            self.workers.remove(&pid);
+            self.decoder.forget_pid(pid);
+        }
+        for pid in self.decoder.pids() {
+            if !targets::exists(pid) {
+                self.decoder.forget_pid(pid);
+            }
         }
     }
 
@@ -420,7 +482,7 @@ impl Session {
     fn finish(&mut self) -> Result<()> {
         self.kernel_drops();
         self.summary.refused += self.probes.stat(Stat::Refused);
-        self.summary.workers = self.workers.len();
+        self.summary.workers = self.workers_seen;
         let s = &self.summary;
         let invalid: u64 = s.invalid.values().sum();
         if s.oap_queued > 0 || s.oap_properties_sent > 0 {

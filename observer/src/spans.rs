@@ -134,7 +134,12 @@ pub struct SegmentNotes {
 /// valid `sw8` came in.
 pub fn segment(r: &Request, cfg: &SpanConfig) -> (SegmentObject, SegmentNotes) {
     let mut notes = SegmentNotes::default();
-    let parent = r.sw8.as_deref().and_then(|v| match parse_sw8(v) {
+    // A header cut at the capture limit is over the protocol's 2 KB: never parse a part.
+    let cut_sw8 = r.truncated.contains(&"sw8");
+    if cut_sw8 && r.sw8.is_some() {
+        notes.sw8_malformed = true;
+    }
+    let parent = r.sw8.as_deref().filter(|_| !cut_sw8).and_then(|v| match parse_sw8(v) {
         Ok(p) => Some(p),
         Err(_) => {
             notes.sw8_malformed = true;
@@ -316,6 +321,16 @@ mod tests {
         assert_eq!(rf.parent_service_instance, "gw-1");
         assert_eq!(rf.parent_endpoint, "/checkout");
         assert_eq!(rf.network_address_used_at_peer, "10.0.0.1:80");
+    }
+
+    #[test]
+    fn truncated_sw8_is_not_parsed() {
+        let mut r = req();
+        r.sw8 = Some(sw8());
+        r.truncated = vec!["sw8"];
+        let (seg, notes) = segment(&r, &cfg());
+        assert!(notes.sw8_malformed);
+        assert!(seg.spans[0].refs.is_empty());
     }
 
     #[test]

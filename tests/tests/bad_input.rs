@@ -268,3 +268,26 @@ fn mounts_tracefs_when_missing() {
     assert!(err.contains("observer: attached"), "{err}");
     assert!(err.contains("observer: detached."), "{err}");
 }
+
+#[test]
+fn hostile_requests_cannot_get_a_target_refused() {
+    require_root();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let u = Uwsgi::start(Build::Pip, "hostile", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
+    // Before any valid request: NUL bytes in the path (uWSGI URL-decodes PATH_INFO) and a
+    // method that is not an HTTP token.
+    for _ in 0..3 {
+        request(port, &[b"GET /a%00b HTTP/1.0\r\nHost: x\r\n\r\n"], Duration::ZERO);
+        request(port, &[b"G\x01T /x HTTP/1.0\r\nHost: x\r\n\r\n"], Duration::ZERO);
+    }
+    assert_eq!(curl(&u.url("/users/1?after=1"), &[]).status, 200);
+    let records = obs.wait_requests(1);
+    let (summary, stderr) = obs.stop();
+    assert!(!stderr.contains("refusing"), "{stderr}");
+    assert_eq!(find(&records, "/users/1", "after=1")["status"], 200);
+    assert_eq!(summary["refused"], 0, "{summary}");
+    let invalid: u64 = summary["invalid"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(summary["requests"].as_u64().unwrap() + invalid, 7, "every request is accounted for: {summary}");
+}

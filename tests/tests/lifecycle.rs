@@ -100,8 +100,25 @@ fn max_requests_recycling() {
 
 #[test]
 fn master_hup_reload() {
+    hup_reload(Build::Pip, "hup");
+}
+
+#[test]
+fn master_hup_reload_debian() {
+    // Debian: after the re-exec only uwsgi-core is mapped; the handler's plugin comes later.
+    hup_reload(Build::Debian, "hup-deb");
+}
+
+fn hup_reload(build: Build, tag: &str) {
     require_root();
-    let u = start("hup", &["--workers", "2"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec!["--master", "--workers", "2", "--http-socket", &addr];
+    if build == Build::Debian {
+        // The re-exec runs /usr/bin/uwsgi-core, which loads no plugin by its name: ask for it.
+        args.extend(["--plugin", "python311"]);
+    }
+    let u = Uwsgi::start(build, tag, &args, Ready::Port(port));
     let master = u.master_pid();
     let obs = Observer::attach(&["--pid", &master.to_string()]);
     send(&u, "before", 0..4);

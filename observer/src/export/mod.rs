@@ -59,6 +59,11 @@ impl<W: Write> Printer<W> {
         self.format
     }
 
+    /// Stops printing (after an output error).
+    pub fn disable(&mut self) {
+        self.format = Format::None;
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }

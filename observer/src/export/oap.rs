@@ -255,7 +255,12 @@ async fn run(s: Arc<Shared>, channel: Channel) {
         }
         let n = batch.len();
         let stream = tokio_stream::iter(batch);
-        match traces.collect(request(stream, &s.cfg.token)).await {
+        let mut req = request(stream, &s.cfg.token);
+        if let Some(d) = flush_deadline {
+            // While flushing at detach, never outlive the flush budget.
+            req.set_timeout(d.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(10)));
+        }
+        match traces.collect(req).await {
             Ok(_) => {
                 let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
                 for _ in 0..n {
