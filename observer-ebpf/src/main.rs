@@ -11,9 +11,8 @@ use core::{ffi::c_void, ptr::addr_of_mut};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{bpf_loop, bpf_probe_read_user as raw_read_user},
-        bpf_probe_read_user,
     },
     macros::{map, tracepoint, uprobe},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -296,7 +295,8 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     // Wake the reader only once a batch has piled up: one wakeup per event would cost the
     // reader (and the CPU the app shares with it) far more than the event itself. The reader
     // also drains on a short timer, so a quiet ring still reaches it promptly.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags =
+        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     entry.submit(flags as u64);
     bump(Stat::RequestsSent);
     Ok(())
@@ -304,7 +304,11 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
 
 #[inline(always)]
 fn fault(ok: bool) -> u32 {
-    if ok { 0 } else { FLAG_READ_ERROR }
+    if ok {
+        0
+    } else {
+        FLAG_READ_ERROR
+    }
 }
 
 #[inline(always)]

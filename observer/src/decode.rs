@@ -64,10 +64,8 @@ pub enum Record {
 
 /// Splits a ring-buffer record by its kind, checking its size exactly.
 pub fn parse_record(buf: &[u8]) -> Result<Record, DecodeError> {
-    let kind = buf
-        .get(..4)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or(DecodeError::Short(buf.len()))?;
+    let kind =
+        buf.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])).ok_or(DecodeError::Short(buf.len()))?;
     match EventKind::try_from(kind).map_err(DecodeError::UnknownKind)? {
         EventKind::Request => {
             let want = size_of::<RequestEvent>();
@@ -411,7 +409,7 @@ mod tests {
     fn router_port_is_swapped_back() {
         let mut e = sample();
         e.sockaddr = v4([127, 0, 0, 1], 40000); // the router's own connection
-        // client port 34282 = 0x85EA, sent as 0xEA85 = 60037
+                                                // client port 34282 = 0x85EA, sent as 0xEA85 = 60037
         put(&mut e.remote_port, &mut e.remote_port_len, "60037");
         put(&mut e.router, &mut e.router_len, "http");
         assert_eq!(Decoder::new(&[]).request(&e).client, "10.1.2.3:34282");

@@ -210,7 +210,12 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         });
         s.instances.insert(
             *root,
-            InstanceState { version: target.version.clone(), file: target.display.clone(), spans, ..Default::default() },
+            InstanceState {
+                version: target.version.clone(),
+                file: target.display.clone(),
+                spans,
+                ..Default::default()
+            },
         );
         eprintln!(
             "observer: attached to uWSGI {} instance {root} ({n} processes), probe in {}",
@@ -254,13 +259,13 @@ impl Session {
                     ticks += 1;
                     self.drain(&mut ring.get_mut().0)?;
                     self.probes.flush_logs();
-                    if ticks % 5 == 0 {
+                    if ticks.is_multiple_of(5) {
                         self.report_new_drops();
                     }
-                    if ticks % 5 == 0 && !self.pending_exec.is_empty() {
+                    if ticks.is_multiple_of(5) && !self.pending_exec.is_empty() {
                         self.resolve_pending();
                     }
-                    if ticks % 20 == 0 {
+                    if ticks.is_multiple_of(20) {
                         self.prune_dead();
                     }
                     if roots.iter().all(|r| !targets::exists(*r)) {
@@ -331,13 +336,13 @@ impl Session {
             if notes.sw8_malformed {
                 self.summary.sw8_malformed += 1;
             }
-            if !self.reported.contains_key(&r.worker_pid) {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.reported.entry(r.worker_pid) {
                 oap.add_instance(export::oap::Instance {
                     service: seg.service.clone(),
                     name: seg.service_instance.clone(),
                     properties: instance_properties(r.worker_pid, r.instance, &st.version),
                 });
-                self.reported.insert(r.worker_pid, seg.service_instance.clone());
+                e.insert(seg.service_instance.clone());
             }
             oap.push(seg);
         }
@@ -446,7 +451,8 @@ impl Session {
             }
         }
         // Exit records lost to a full ring leave state behind: drop it for dead pids.
-        let gone: Vec<u32> = self.reported.keys().chain(self.workers.iter()).copied().filter(|p| !targets::exists(*p)).collect();
+        let gone: Vec<u32> =
+            self.reported.keys().chain(self.workers.iter()).copied().filter(|p| !targets::exists(*p)).collect();
         for pid in gone {
             self.forget_instance(pid);
             self.workers.remove(&pid);
@@ -549,7 +555,9 @@ fn span_config(root: u32, opts: &Options) -> (spans::SpanConfig, &'static str) {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// What the agents report about an instance, plus where the data comes from.

@@ -129,8 +129,7 @@ impl Probes {
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
 
         let cfg = tp_config(tracefs)?;
-        let mut tpc: Array<_, TpConfig> =
-            Array::try_from(ebpf.take_map(MAP_TPCONFIG).context("map TPCONFIG")?)?;
+        let mut tpc: Array<_, TpConfig> = Array::try_from(ebpf.take_map(MAP_TPCONFIG).context("map TPCONFIG")?)?;
         tpc.set(0, &cfg, 0).context("writing TPCONFIG")?;
 
         for (prog, cat, name) in [
@@ -169,7 +168,11 @@ impl Probes {
     /// process that maps it and the kernel filters by TRACKED) and returns its layout slot.
     pub fn attach_target(&mut self, target: &ProbeTarget) -> Result<u32> {
         if !target.layout.fits_head() {
-            bail!("uWSGI {} ({}): request layout reaches past the {REQ_HEAD_BYTES}-byte head the probe reads", target.version, target.display);
+            bail!(
+                "uWSGI {} ({}): request layout reaches past the {REQ_HEAD_BYTES}-byte head the probe reads",
+                target.version,
+                target.display
+            );
         }
         let slot = match self.layout_slots.iter().position(|l| *l == target.layout) {
             Some(i) => i as u32,

@@ -100,11 +100,8 @@ pub fn cut(s: &str, max: usize) -> String {
 /// Instance name for a worker, as the Python agent names it under uWSGI:
 /// `<base>-master(<mpid>)-child(<wpid>)`, with the base cut to fit the OAP's limit.
 pub fn instance_name(base: &str, master: u32, worker: u32) -> String {
-    let suffix = if master == worker {
-        format!("-master({master})")
-    } else {
-        format!("-master({master})-child({worker})")
-    };
+    let suffix =
+        if master == worker { format!("-master({master})") } else { format!("-master({master})-child({worker})") };
     let room = INSTANCE_MAX.saturating_sub(suffix.len());
     format!("{}{suffix}", cut(base, room))
 }
@@ -239,7 +236,12 @@ mod tests {
     }
 
     fn cfg() -> SpanConfig {
-        SpanConfig { service: "shop".into(), instance_base: "host1".into(), component: COMPONENT_FLASK, error_status: 400 }
+        SpanConfig {
+            service: "shop".into(),
+            instance_base: "host1".into(),
+            component: COMPONENT_FLASK,
+            error_status: 400,
+        }
     }
 
     #[test]

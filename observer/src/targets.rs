@@ -51,10 +51,8 @@ pub fn parse_pidfile(text: &str) -> Result<u32, String> {
 }
 
 pub fn read_pidfile(path: &Path) -> Result<u32, TargetError> {
-    let text = fs::read_to_string(path).map_err(|e| TargetError::PidFile {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let text = fs::read_to_string(path)
+        .map_err(|e| TargetError::PidFile { path: path.display().to_string(), reason: e.to_string() })?;
     parse_pidfile(&text).map_err(|reason| TargetError::PidFile { path: path.display().to_string(), reason })
 }
 
@@ -156,11 +154,7 @@ pub struct ProbeTarget {
 /// equivalent (the compare only sets flags, never branches, and leaves the argument in rdi).
 /// Only such side-effect-free, non-branching prefixes are skipped; otherwise 0.
 pub fn cheap_probe_offset(code: &[u8]) -> u64 {
-    let is_push = |b: &[u8]| match b {
-        [0x50..=0x57, ..] => true,
-        [0x41, 0x50..=0x57, ..] => true,
-        _ => false,
-    };
+    let is_push = |b: &[u8]| matches!(b, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..]);
     let mut off = 0usize;
     for _ in 0..2 {
         let rest = code.get(off..).unwrap_or(&[]);
@@ -368,15 +362,12 @@ pub fn probe_target(pid: u32) -> Result<ProbeTarget, TargetError> {
         }
     }
     let (display, path) = handler.ok_or(TargetError::NoHandler { pid })?;
-    let entry_offset = fs::read(&path)
-        .ok()
-        .and_then(|d| function_bytes(&d, HANDLER_SYMBOL))
-        .map_or(0, |b| cheap_probe_offset(&b));
+    let entry_offset =
+        fs::read(&path).ok().and_then(|d| function_bytes(&d, HANDLER_SYMBOL)).map_or(0, |b| cheap_probe_offset(&b));
     let (core_data, ssl) = core.ok_or(TargetError::NoHandler { pid })?;
-    let version = find_version(&core_data)
-        .ok_or_else(|| TargetError::NoVersion { pid, path: display.clone() })?;
-    let layout = layout_for(&version, ssl)
-        .ok_or_else(|| TargetError::UnknownVersion { pid, version: version.clone() })?;
+    let version = find_version(&core_data).ok_or_else(|| TargetError::NoVersion { pid, path: display.clone() })?;
+    let layout =
+        layout_for(&version, ssl).ok_or_else(|| TargetError::UnknownVersion { pid, version: version.clone() })?;
     let md = fs::metadata(&path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
     Ok(ProbeTarget { path, display, dev: md.dev(), ino: md.ino(), version, ssl, layout, entry_offset })
 }

@@ -22,9 +22,7 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn observer_bin() -> PathBuf {
-    std::env::var_os("OBSERVER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/release/observer"))
+    std::env::var_os("OBSERVER_BIN").map(PathBuf::from).unwrap_or_else(|| repo().join("target/release/observer"))
 }
 
 pub fn venv() -> PathBuf {
@@ -102,6 +100,7 @@ impl Uwsgi {
         Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", env, &[])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_full(
         build: Build,
         tag: &str,
@@ -333,10 +332,8 @@ impl Observer {
         };
         sleep(Duration::from_millis(200));
         assert!(status.success(), "observer exited with {status}: {}", self.stderr());
-        let summary = self
-            .records("summary")
-            .pop()
-            .unwrap_or_else(|| panic!("no summary record; stderr: {}", self.stderr()));
+        let summary =
+            self.records("summary").pop().unwrap_or_else(|| panic!("no summary record; stderr: {}", self.stderr()));
         (summary, self.stderr())
     }
 }
@@ -424,7 +421,9 @@ impl Nginx {
             .spawn()
             .expect("starting nginx");
         let n = Nginx { child: Some(child), dir, port };
-        wait_until("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_until("nginx to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         n
     }
 
@@ -453,11 +452,7 @@ pub fn loaded_programs_of_ours() -> Vec<String> {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
     v.as_array()
         .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str())
-                .filter(|n| OUR_PROGRAMS.contains(n))
-                .map(String::from)
-                .collect()
+            a.iter().filter_map(|p| p["name"].as_str()).filter(|n| OUR_PROGRAMS.contains(n)).map(String::from).collect()
         })
         .unwrap_or_default()
 }

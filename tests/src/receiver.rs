@@ -108,7 +108,8 @@ impl Receiver {
 
     /// Serves over TLS with this PEM certificate and key.
     pub fn start_tls(cert: Vec<u8>, key: Vec<u8>) -> Receiver {
-        let mut r = Receiver { store: Store::default(), port: crate::free_port(), tls: Some((cert, key)), running: None };
+        let mut r =
+            Receiver { store: Store::default(), port: crate::free_port(), tls: Some((cert, key)), running: None };
         r.resume();
         r
     }

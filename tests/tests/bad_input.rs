@@ -64,7 +64,8 @@ fn not_root() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "notroot", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, "notroot", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(observer_bin())
@@ -133,7 +134,8 @@ fn junk_traffic(build: Build, mode: &str, malformed: u64) {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(build, &format!("junk-{mode}"), &["--master", "--workers", "2", mode, &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(build, &format!("junk-{mode}"), &["--master", "--workers", "2", mode, &addr], Ready::Port(port));
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for _ in 0..20 {
@@ -155,7 +157,10 @@ fn junk_traffic(build: Build, mode: &str, malformed: u64) {
     // Real requests among the junk: headers split across reads, and a 100 KB body.
     let split = request(
         port,
-        &[b"GET /users/77?split=1 HTTP/1.1\r\nHo", b"st: split.example\r\nsw8: 1-YQ==-Yg==-0-Yw==-ZA==-ZQ==-Zg==\r\n\r\n"],
+        &[
+            b"GET /users/77?split=1 HTTP/1.1\r\nHo",
+            b"st: split.example\r\nsw8: 1-YQ==-Yg==-0-Yw==-ZA==-ZQ==-Zg==\r\n\r\n",
+        ],
         Duration::from_millis(200),
     );
     assert!(String::from_utf8_lossy(&split).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&split));
@@ -208,7 +213,12 @@ fn junk_traffic_uwsgi_socket_debian() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Debian, "junk-uwsgi", &["--master", "--workers", "1", "--socket", &addr], Ready::Port(port));
+    let u = Uwsgi::start(
+        Build::Debian,
+        "junk-uwsgi",
+        &["--master", "--workers", "1", "--socket", &addr],
+        Ready::Port(port),
+    );
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
     raw(port, &[b"\x00\x10\x00\x00\x05\x00AB"], Duration::ZERO); // var length past the packet
     raw(port, &[b"\x00\x04\x00\x00\xff\xff\x00\x00"], Duration::ZERO); // key length past the packet
@@ -228,7 +238,8 @@ fn wrong_layout_is_refused_not_printed() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "layout", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, "layout", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
     // Every offset 8 bytes off, as if uWSGI's struct had changed under us.
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string(), "--layout-shift", "8"]);
     for k in 0..5 {
@@ -252,7 +263,8 @@ fn mounts_tracefs_when_missing() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "tracefs", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, "tracefs", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
     // In a private mount namespace with no tracefs anywhere, the observer mounts it itself.
     let script = format!(
         "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; \
@@ -274,7 +286,8 @@ fn hostile_requests_cannot_get_a_target_refused() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "hostile", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, "hostile", &["--master", "--workers", "1", "--http-socket", &addr], Ready::Port(port));
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
     // Before any valid request: NUL bytes in the path (uWSGI URL-decodes PATH_INFO) and a
     // method that is not an HTTP token.

@@ -36,7 +36,9 @@ fn send_standard(base: &str) -> Vec<Expect> {
     let sw8h = format!("sw8: {SW8}");
     let corrh = format!("sw8-correlation: {SW8_CORR}");
     let xh = format!("sw8-x: {SW8_X}");
-    let cases: Vec<(&str, &str, &str, u16, Vec<&str>, Option<&str>, bool)> = vec![
+    // (method, path, query, status, curl arguments, Host sent, sw8 headers sent)
+    type Case<'a> = (&'static str, &'static str, &'static str, u16, Vec<&'a str>, Option<&'static str>, bool);
+    let cases: Vec<Case<'_>> = vec![
         ("GET", "/users/1", "a=1", 200, vec!["-H", &sw8h, "-H", &corrh, "-H", &xh], None, true),
         ("POST", "/users/2", "b=2", 200, vec!["-X", "POST", "-d", "k=v"], None, false),
         ("PUT", "/users/3", "c=3", 200, vec!["-X", "PUT"], None, false),
@@ -48,7 +50,15 @@ fn send_standard(base: &str) -> Vec<Expect> {
         ("GET", "/crash", "i=9", 500, vec![], None, false),
         ("GET", "/", "j=10", 200, vec!["-H", &auth, "-H", &cookie], None, false),
         ("POST", "/upload", "k=11", 200, vec!["--data-binary", &body_arg], None, false),
-        ("GET", "/users/12", "l=12&m=%20x", 200, vec!["-H", "Host: shop.example:8080"], Some("shop.example:8080"), false),
+        (
+            "GET",
+            "/users/12",
+            "l=12&m=%20x",
+            200,
+            vec!["-H", "Host: shop.example:8080"],
+            Some("shop.example:8080"),
+            false,
+        ),
     ];
     let mut out = Vec::new();
     for (method, path, query, status, extra, host, sw8) in cases {
@@ -100,7 +110,8 @@ fn check(records: &[Value], expects: &[Expect], default_host: &str, instance: u3
         assert_eq!(r["instance"], instance, "{ctx}");
         let w = r["worker_pid"].as_u64().unwrap() as u32;
         assert!(workers.contains(&w), "{ctx}: worker {w} not in {workers:?}");
-        let (s, en, d) = (r["start_us"].as_u64().unwrap(), r["end_us"].as_u64().unwrap(), r["duration_us"].as_u64().unwrap());
+        let (s, en, d) =
+            (r["start_us"].as_u64().unwrap(), r["end_us"].as_u64().unwrap(), r["duration_us"].as_u64().unwrap());
         assert!(s > 1_700_000_000_000_000 && en >= s && d == en - s && d < 10_000_000, "{ctx}");
         assert!(r.get("truncated").is_none(), "{ctx}");
     }
@@ -109,7 +120,9 @@ fn check(records: &[Value], expects: &[Expect], default_host: &str, instance: u3
 }
 
 fn assert_clean(summary: &Value) {
-    for k in ["lost_ring_full", "lost_proc_ring_full", "lost_tracked_full", "refused", "decode_errors", "vars_truncated"] {
+    for k in
+        ["lost_ring_full", "lost_proc_ring_full", "lost_tracked_full", "refused", "decode_errors", "vars_truncated"]
+    {
         assert_eq!(summary[k], 0, "{k} in {summary}");
     }
     assert_eq!(summary["invalid"], serde_json::json!({}), "{summary}");
@@ -134,7 +147,12 @@ fn pip_http_socket() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "http-socket", &["--master", "--workers", "2", "--http-socket", &addr], Ready::Port(port));
+    let u = Uwsgi::start(
+        Build::Pip,
+        "http-socket",
+        &["--master", "--workers", "2", "--http-socket", &addr],
+        Ready::Port(port),
+    );
     run_standard(&u, &u.url(""), &addr, Host::AsSent);
 }
 
@@ -143,7 +161,8 @@ fn pip_http_router() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "http-router", &["--master", "--workers", "2", "--http", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, "http-router", &["--master", "--workers", "2", "--http", &addr], Ready::Port(port));
     run_standard(&u, &u.url(""), &addr, Host::AsSent);
 }
 
@@ -203,7 +222,12 @@ fn debian_http_socket() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Debian, "deb-http-socket", &["--master", "--workers", "2", "--http-socket", &addr], Ready::Port(port));
+    let u = Uwsgi::start(
+        Build::Debian,
+        "deb-http-socket",
+        &["--master", "--workers", "2", "--http-socket", &addr],
+        Ready::Port(port),
+    );
     run_standard(&u, &u.url(""), &addr, Host::AsSent);
 }
 
@@ -312,7 +336,12 @@ fn pip_http11_keepalive() {
     require_root();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, "http11", &["--master", "--workers", "1", "--http11-socket", &addr], Ready::Port(port));
+    let u = Uwsgi::start(
+        Build::Pip,
+        "http11",
+        &["--master", "--workers", "1", "--http11-socket", &addr],
+        Ready::Port(port),
+    );
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
     // One curl, four requests on one kept-alive connection.
     let out = std::process::Command::new("curl")

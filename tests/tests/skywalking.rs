@@ -32,7 +32,8 @@ fn sw8(trace: &str, seg: &str, span: i32) -> String {
 fn start_app(tag: &str, workers: &str) -> (Uwsgi, String) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let u = Uwsgi::start(Build::Pip, tag, &["--master", "--workers", workers, "--http-socket", &addr], Ready::Port(port));
+    let u =
+        Uwsgi::start(Build::Pip, tag, &["--master", "--workers", workers, "--http-socket", &addr], Ready::Port(port));
     (u, addr)
 }
 
@@ -203,7 +204,12 @@ fn our_proto_matches_the_official_definitions() {
     let ours = dir.join("ours.fds");
     std::fs::write(&ours, observer_proto::FILE_DESCRIPTOR_SET).unwrap();
     let run = |p: &PathBuf| {
-        let o = Command::new(python()).arg(repo().join("tests/py/sw_check.py")).arg("compare-descriptors").arg(p).output().unwrap();
+        let o = Command::new(python())
+            .arg(repo().join("tests/py/sw_check.py"))
+            .arg("compare-descriptors")
+            .arg(p)
+            .output()
+            .unwrap();
         (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string())
     };
     let (ok, out) = run(&ours);
@@ -258,12 +264,8 @@ fn heartbeats_follow_live_workers() {
     });
     let killed_at = std::time::Instant::now();
     std::thread::sleep(Duration::from_millis(2500));
-    let late: Vec<_> = rx
-        .store
-        .pings()
-        .into_iter()
-        .filter(|(p, t)| p.service_instance == old_name && *t > killed_at)
-        .collect();
+    let late: Vec<_> =
+        rx.store.pings().into_iter().filter(|(p, t)| p.service_instance == old_name && *t > killed_at).collect();
     assert!(late.is_empty(), "the killed worker's instance still pings: {late:?}");
     assert!(rx.store.properties().iter().any(|p| p.service_instance == new_name));
     let (summary, _) = obs.stop();
@@ -351,7 +353,11 @@ fn agent_segments(rx: &Receiver, paths: &[(&str, Vec<&str>)]) -> Vec<SegmentObje
     wait_until("the agent's segments", Duration::from_secs(30), || rx.store.segments().len() >= before + paths.len());
     std::thread::sleep(Duration::from_millis(500));
     let segs: Vec<SegmentObject> = rx.store.segments()[before..].to_vec();
-    assert!(!u.log().contains("Traceback") || u.log().contains("boom 42") || u.log().contains("escaped"), "{}", u.log());
+    assert!(
+        !u.log().contains("Traceback") || u.log().contains("boom 42") || u.log().contains("escaped"),
+        "{}",
+        u.log()
+    );
     segs
 }
 
@@ -465,11 +471,18 @@ fn tls_to_the_oap() {
     let (summary, _) = obs.stop();
     assert_eq!(summary["oap_sent"], 3);
     // Without the CA the server is not trusted: nothing is delivered, and it is counted.
-    let rx2 = Receiver::start_tls(std::fs::read(dir.join("cert.pem")).unwrap(), std::fs::read(dir.join("key.pem")).unwrap());
-    let obs = attach_oap(&u, &rx2, &["--service", "tls", "--oap-tls-ca", "/etc/ssl/certs/ca-certificates.crt", "--flush-secs", "1"]);
+    let rx2 =
+        Receiver::start_tls(std::fs::read(dir.join("cert.pem")).unwrap(), std::fs::read(dir.join("key.pem")).unwrap());
+    let obs = attach_oap(
+        &u,
+        &rx2,
+        &["--service", "tls", "--oap-tls-ca", "/etc/ssl/certs/ca-certificates.crt", "--flush-secs", "1"],
+    );
     assert_eq!(curl(&u.url("/users/9"), &[]).status, 200);
     obs.wait_requests(1);
-    wait_until("the TLS failure reported", Duration::from_secs(10), || obs.stderr().contains("invalid peer certificate"));
+    wait_until("the TLS failure reported", Duration::from_secs(10), || {
+        obs.stderr().contains("invalid peer certificate")
+    });
     let (summary, _) = obs.stop();
     assert_eq!(rx2.store.segments().len(), 0);
     assert_eq!(summary["oap_sent"], 0);
@@ -490,7 +503,11 @@ fn service_name_from_the_targets_environment() {
         &[("SW_AGENT_NAME", "from-env"), ("DJANGO_SETTINGS_MODULE", "x.settings")],
     );
     let obs = attach_oap(&u, &rx, &[]);
-    assert!(obs.stderr().contains("as service \"from-env\" (SW_AGENT_NAME of the target), component 7004"), "{}", obs.stderr());
+    assert!(
+        obs.stderr().contains("as service \"from-env\" (SW_AGENT_NAME of the target), component 7004"),
+        "{}",
+        obs.stderr()
+    );
     assert_eq!(curl(&u.url("/users/1"), &[]).status, 200);
     wait_until("segment", Duration::from_secs(20), || rx.store.segments().len() == 1);
     obs.stop();
@@ -501,6 +518,10 @@ fn service_name_from_the_targets_environment() {
     let (u2, _) = start_app("sw-env2", "1");
     let rx2 = Receiver::start();
     let obs = attach_oap(&u2, &rx2, &[]);
-    assert!(obs.stderr().contains("as service \"flask_app\" (the app named on uWSGI's command line), component 7000"), "{}", obs.stderr());
+    assert!(
+        obs.stderr().contains("as service \"flask_app\" (the app named on uWSGI's command line), component 7000"),
+        "{}",
+        obs.stderr()
+    );
     obs.stop();
 }

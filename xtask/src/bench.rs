@@ -113,7 +113,8 @@ fn cpu_us(pid: u32) -> u64 {
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0 };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After ")": state is 0, utime 11, stime 12 (fields 14 and 15 of stat).
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ticks * 1_000_000 / hz
@@ -122,7 +123,11 @@ fn cpu_us(pid: u32) -> u64 {
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+            })
+        })
         .flatten()
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
@@ -240,14 +245,24 @@ fn one_run_with(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path
     let _ = std::fs::remove_file(&summary);
     let obs = if cfg == Config::Observer {
         let mut c = Command::new(observer);
-        c.args(["attach", "--pid", &master.to_string(), "--format", "none", "--service", "bench", "--framework", "flask"])
-            .arg("--oap")
-            .arg(format!("127.0.0.1:{}", rx.as_ref().map_or(0, |r| r.port)))
-            .arg("--summary-file")
-            .arg(&summary)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        c.args([
+            "attach",
+            "--pid",
+            &master.to_string(),
+            "--format",
+            "none",
+            "--service",
+            "bench",
+            "--framework",
+            "flask",
+        ])
+        .arg("--oap")
+        .arg(format!("127.0.0.1:{}", rx.as_ref().map_or(0, |r| r.port)))
+        .arg("--summary-file")
+        .arg(&summary)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
         let mut child = c.spawn().context("starting the observer")?;
         let err = child.stderr.take().context("observer stderr")?;
@@ -293,7 +308,8 @@ fn one_run_with(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path
             .map(|k| v[*k].as_u64().unwrap_or(0))
             .sum();
         run.lost_ring_full = v["lost_ring_full"].as_u64().unwrap_or(0);
-        run.oap_dropped = v["oap_dropped_queue_full"].as_u64().unwrap_or(0) + v["oap_dropped_at_shutdown"].as_u64().unwrap_or(0);
+        run.oap_dropped =
+            v["oap_dropped_queue_full"].as_u64().unwrap_or(0) + v["oap_dropped_at_shutdown"].as_u64().unwrap_or(0);
         let _ = std::fs::remove_file(&summary);
     } else {
         run.spans_expected = warm.requests + w.requests;
@@ -322,10 +338,7 @@ fn find_master(pgid_leader: u32) -> Result<u32> {
     if comm(pgid_leader).trim().starts_with("uwsgi") {
         return Ok(pgid_leader);
     }
-    children(pgid_leader)
-        .into_iter()
-        .find(|c| comm(*c).trim().starts_with("uwsgi"))
-        .context("no uwsgi master found")
+    children(pgid_leader).into_iter().find(|c| comm(*c).trim().starts_with("uwsgi")).context("no uwsgi master found")
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -360,7 +373,12 @@ pub fn bench(observer: &Path, short: bool, rounds: usize, secs: u64) -> Result<(
                         r.rps, r.p50_ms, r.p99_ms, r.app_cpu_us_per_req, r.observer_cpu_us_per_req, r.spans, r.spans_expected
                     );
                     if c == Config::Observer && (r.spans != r.spans_expected || r.observer_lost != 0) {
-                        bail!("observer lost spans: {} of {} arrived, {} counted lost", r.spans, r.spans_expected, r.observer_lost);
+                        bail!(
+                            "observer lost spans: {} of {} arrived, {} counted lost",
+                            r.spans,
+                            r.spans_expected,
+                            r.observer_lost
+                        );
                     }
                     results
                         .iter_mut()
@@ -385,7 +403,10 @@ fn saturation(observer: &Path, secs: u64) -> Result<String> {
     md.push_str("| observer settings | req/s | requests served | spans delivered | lost: ring full | lost: OAP queue | delivered + lost |\n|---|---|---|---|---|---|---|\n");
     for (label, extra) in [
         ("defaults (4 MiB ring, 10,000-segment queue)", vec![]),
-        ("pushed beyond: 16 KiB ring, 50-segment queue, no flush at detach", vec!["--ring-bytes", "16384", "--queue-max", "50", "--flush-secs", "0"]),
+        (
+            "pushed beyond: 16 KiB ring, 50-segment queue, no flush at detach",
+            vec!["--ring-bytes", "16384", "--queue-max", "50", "--flush-secs", "0"],
+        ),
     ] {
         println!("== saturation: {label}");
         let r = one_run_with(Config::Observer, "--http-socket", "/", secs, observer, &extra)?;

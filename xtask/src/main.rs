@@ -67,7 +67,14 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 fn build() -> Result<PathBuf> {
     run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "observer"]))?;
     // The test receiver (an OAP stand-in) is part of the demo too.
-    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "observer-tests", "--bin", "sw-receiver"]))?;
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "observer-tests",
+        "--bin",
+        "sw-receiver",
+    ]))?;
     Ok(root().join("target/release/observer"))
 }
 
@@ -134,7 +141,9 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     wait_http(port)?;
     let master = std::fs::read_to_string(&pidfile)?.trim().to_string();
     let oap_port = "18091";
-    println!("== starting a SkyWalking OAP stand-in (the test receiver) on 127.0.0.1:{oap_port}; its lines start with [oap]");
+    println!(
+        "== starting a SkyWalking OAP stand-in (the test receiver) on 127.0.0.1:{oap_port}; its lines start with [oap]"
+    );
     let mut rx = Command::new(root().join("target/release/sw-receiver"))
         .arg(oap_port)
         .stdout(Stdio::piped())
@@ -166,7 +175,10 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
         let mut c = Command::new("curl");
         c.args(["-s", "-o", "/dev/null", &format!("http://127.0.0.1:{port}{url}")]);
         if n % 5 == 0 {
-            c.args(["-H", "sw8: 1-MWY2YjE5YjY5ZGE2-MWY2YjE5YjY5ZGE3-0-c2hvcA==-c2hvcC0x-L2NoZWNrb3V0-MTAuMC4wLjE6ODA="]);
+            c.args([
+                "-H",
+                "sw8: 1-MWY2YjE5YjY5ZGE2-MWY2YjE5YjY5ZGE3-0-c2hvcA==-c2hvcC0x-L2NoZWNrb3V0-MTAuMC4wLjE6ODA=",
+            ]);
         }
         let _ = c.status();
         n += 1;
@@ -192,7 +204,14 @@ fn wait_http(port: u16) -> Result<()> {
 
 fn test(bin: &Path, filter: Option<String>) -> Result<()> {
     println!("== unit tests");
-    run(Command::new("cargo").current_dir(root()).args(["test", "--release", "-p", "observer", "-p", "observer-common"]))?;
+    run(Command::new("cargo").current_dir(root()).args([
+        "test",
+        "--release",
+        "-p",
+        "observer",
+        "-p",
+        "observer-common",
+    ]))?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the integration tests load eBPF programs: run them as root (sudo ./x test)");

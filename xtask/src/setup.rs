@@ -134,7 +134,11 @@ fn python() -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == UWSGI_VERSION)
         .unwrap_or(false)
-        && Command::new(v.join("bin/python")).args(["-c", "import flask, gevent, skywalking.protocol.language_agent.Tracing_pb2"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success());
+        && Command::new(v.join("bin/python"))
+            .args(["-c", "import flask, gevent, skywalking.protocol.language_agent.Tracing_pb2"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
     if ok {
         return Ok(());
     }

@@ -19,8 +19,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use observer_proto::v3::{
     management_service_client::ManagementServiceClient,
-    trace_segment_report_service_client::TraceSegmentReportServiceClient, InstancePingPkg,
-    InstanceProperties, KeyStringValuePair, SegmentObject,
+    trace_segment_report_service_client::TraceSegmentReportServiceClient, InstancePingPkg, InstanceProperties,
+    KeyStringValuePair, SegmentObject,
 };
 use prost::Message as _;
 use tokio::sync::Notify;
@@ -314,11 +314,7 @@ fn props_msg(i: &Instance) -> InstanceProperties {
     InstanceProperties {
         service: i.service.clone(),
         service_instance: i.name.clone(),
-        properties: i
-            .properties
-            .iter()
-            .map(|(k, v)| KeyStringValuePair { key: k.clone(), value: v.clone() })
-            .collect(),
+        properties: i.properties.iter().map(|(k, v)| KeyStringValuePair { key: k.clone(), value: v.clone() }).collect(),
         layer: String::new(),
     }
 }
@@ -354,7 +350,11 @@ async fn heartbeat(s: &Shared, mgmt: &mut ManagementServiceClient<Channel>) {
         if n % 10 == 0 {
             let _ = mgmt.report_instance_properties(request(props_msg(&inst), &s.cfg.token)).await;
         }
-        let ping = InstancePingPkg { service: inst.service.clone(), service_instance: inst.name.clone(), layer: String::new() };
+        let ping = InstancePingPkg {
+            service: inst.service.clone(),
+            service_instance: inst.name.clone(),
+            layer: String::new(),
+        };
         if mgmt.keep_alive(request(ping, &s.cfg.token)).await.is_ok() {
             s.stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
         }
