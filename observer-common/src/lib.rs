@@ -165,8 +165,11 @@ pub enum Stat {
     VarScanTruncated = 5,
     /// Requests not captured because their target was refused (layout failed validation).
     Refused = 6,
+    /// Records whose per-CPU scratch space was reused by a run that preempted them (sent
+    /// with `FLAG_SCRATCH_RACE`; userspace rejects them).
+    ScratchRace = 7,
 }
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 8;
 
 /// Capture limits, in bytes (powers of two, see observer-ebpf's copy_user).
 /// Header vars scanned per request (key+value pairs). uWSGI's default `--max-vars` is 64.
@@ -188,6 +191,8 @@ pub const SOCKADDR_CAP: usize = 28;
 /// Flag bits in [`RequestEvent::flags`].
 pub const FLAG_READ_ERROR: u32 = 1;
 pub const FLAG_VARS_TRUNCATED: u32 = 2;
+/// The run was preempted and its per-CPU scratch space reused: fields may be mixed.
+pub const FLAG_SCRATCH_RACE: u32 = 4;
 
 /// One finished request, emitted at `uwsgi_after_request_wsgi` entry (all fields final).
 ///

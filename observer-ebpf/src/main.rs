@@ -35,6 +35,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map(name = "TPCONFIG")]
 static TPCONFIG: Array<TpConfig> = Array::with_max_entries(1, 0);
 
+/// Token of the run that last claimed this CPU's HEAD and SCRATCH.
+#[map(name = "OWNER")]
+static OWNER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Copy of the first REQ_HEAD_BYTES of the request struct (all fields but client_addr).
 #[map(name = "HEAD")]
 static HEAD: PerCpuArray<[u8; REQ_HEAD_BYTES]> = PerCpuArray::with_max_entries(1, 0);
@@ -204,6 +208,17 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     };
     let ev = entry.as_mut_ptr();
     let mut flags = 0u32;
+    // Claim this CPU's scratch buffers (HEAD, SCRATCH). Uprobe programs run with migration,
+    // not preemption, disabled: another run on this CPU may reuse the buffers meanwhile.
+    // It would leave its own token here, and this record is then flagged, never mixed.
+    // SAFETY: helper with no preconditions.
+    let token = unsafe { bpf_ktime_get_ns() } | 1;
+    let Some(owner) = OWNER.get_ptr_mut(0) else {
+        entry.discard(0);
+        return Ok(());
+    };
+    // SAFETY: per-CPU u64 slot.
+    unsafe { core::ptr::write_volatile(owner, token) };
     // One read of the struct's head instead of one per field: each user-memory read costs
     // far more than picking fields out of a copy.
     let Some(head) = HEAD.get_ptr_mut(0) else {
@@ -289,6 +304,12 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
         }
         if flags & FLAG_READ_ERROR != 0 {
             bump(Stat::ReadErrors);
+        }
+        // Everything taken from the scratch buffers is in the record now: were they ours
+        // throughout?
+        if core::ptr::read_volatile(owner) != token {
+            flags |= FLAG_SCRATCH_RACE;
+            bump(Stat::ScratchRace);
         }
         (*ev).flags = flags;
     }

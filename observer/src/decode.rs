@@ -36,6 +36,10 @@ pub enum Invalid {
     NoMethod,
     #[error("request memory could not be read")]
     ReadError,
+    /// Preempted in the kernel while another run reused its scratch space (rare; only on
+    /// preemptible kernels): its fields may be mixed, so it is dropped and counted.
+    #[error("probe preempted, scratch space reused")]
+    ScratchRace,
     #[error("method is not an HTTP token")]
     Method,
     #[error("status is outside 100..=599")]
@@ -151,6 +155,9 @@ const DAY_US: u64 = 86_400_000_000;
 
 /// Checks that a record carries a plausible request: this is how a wrong layout is caught.
 pub fn validate(ev: &RequestEvent, now_us: u64) -> Result<(), Invalid> {
+    if ev.flags & FLAG_SCRATCH_RACE != 0 {
+        return Err(Invalid::ScratchRace);
+    }
     if ev.flags & FLAG_READ_ERROR != 0 {
         return Err(Invalid::ReadError);
     }
@@ -529,6 +536,9 @@ mod tests {
         let mut e = sample();
         e.flags = FLAG_READ_ERROR;
         assert_eq!(validate(&e, NOW), Err(Invalid::ReadError));
+        e.flags = FLAG_SCRATCH_RACE | FLAG_READ_ERROR;
+        assert_eq!(validate(&e, NOW), Err(Invalid::ScratchRace));
+        assert!(!Invalid::ScratchRace.suspects_layout());
     }
 
     #[test]
