@@ -92,6 +92,8 @@ pub struct Receiver {
     pub port: u16,
     /// PEM certificate and key: serve over TLS.
     tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// PEM CA: require client certificates signed by it (mutual TLS).
+    client_ca: Option<Vec<u8>>,
     running: Option<(Shutdown, std::thread::JoinHandle<()>)>,
 }
 
@@ -101,15 +103,25 @@ impl Receiver {
     }
 
     pub fn start_on(port: u16) -> Receiver {
-        let mut r = Receiver { store: Store::default(), port, tls: None, running: None };
+        let mut r = Receiver { store: Store::default(), port, tls: None, client_ca: None, running: None };
         r.resume();
         r
     }
 
     /// Serves over TLS with this PEM certificate and key.
     pub fn start_tls(cert: Vec<u8>, key: Vec<u8>) -> Receiver {
-        let mut r =
-            Receiver { store: Store::default(), port: crate::free_port(), tls: Some((cert, key)), running: None };
+        Self::start_mtls(cert, key, None)
+    }
+
+    /// TLS, and with `client_ca` only clients presenting a certificate it signed.
+    pub fn start_mtls(cert: Vec<u8>, key: Vec<u8>, client_ca: Option<Vec<u8>>) -> Receiver {
+        let mut r = Receiver {
+            store: Store::default(),
+            port: crate::free_port(),
+            tls: Some((cert, key)),
+            client_ca,
+            running: None,
+        };
         r.resume();
         r
     }
@@ -124,6 +136,7 @@ impl Receiver {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let store = self.store.clone();
         let tls = self.tls.clone();
+        let client_ca = self.client_ca.clone();
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let h = std::thread::spawn(move || {
@@ -143,7 +156,11 @@ impl Receiver {
                 let mut builder = tonic::transport::Server::builder();
                 if let Some((cert, key)) = tls {
                     let id = tonic::transport::Identity::from_pem(cert, key);
-                    builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(id)).unwrap();
+                    let mut cfg = tonic::transport::ServerTlsConfig::new().identity(id);
+                    if let Some(ca) = client_ca {
+                        cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+                    }
+                    builder = builder.tls_config(cfg).unwrap();
                 }
                 builder
                     .add_service(TraceSegmentReportServiceServer::new(store.clone()))

@@ -487,6 +487,38 @@ fn tls_to_the_oap() {
     assert_eq!(rx2.store.segments().len(), 0);
     assert_eq!(summary["oap_sent"], 0);
     assert_eq!(summary["oap_dropped_at_shutdown"], 1, "{summary}");
+
+    // Mutual TLS: the receiver accepts only clients with a certificate signed by the CA.
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=observer -keyout client.key -out client.csr");
+    sh("printf 'basicConstraints=CA:FALSE\\nextendedKeyUsage=clientAuth\\n' > cext.cnf && \
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile cext.cnf -out client.pem");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let rx3 = Receiver::start_mtls(read("cert.pem"), read("key.pem"), Some(read("ca.pem")));
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    let obs = attach_oap(
+        &u,
+        &rx3,
+        &[
+            "--service",
+            "mtls",
+            "--oap-tls-ca",
+            ca.to_str().unwrap(),
+            "--oap-tls-cert",
+            cert.to_str().unwrap(),
+            "--oap-tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(curl(&u.url("/users/5"), &[]).status, 200);
+    wait_until("a segment over mutual TLS", Duration::from_secs(20), || rx3.store.segments().len() == 1);
+    obs.stop();
+    // The same server refuses a client without a certificate.
+    let obs = attach_oap(&u, &rx3, &["--service", "mtls", "--oap-tls-ca", ca.to_str().unwrap(), "--flush-secs", "1"]);
+    assert_eq!(curl(&u.url("/users/6"), &[]).status, 200);
+    wait_until("the refusal reported", Duration::from_secs(10), || obs.stderr().contains("unreachable"));
+    let (summary, _) = obs.stop();
+    assert_eq!(summary["oap_sent"], 0, "{summary}");
+    assert_eq!(rx3.store.segments().len(), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
 
