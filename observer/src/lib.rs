@@ -250,14 +250,14 @@ impl Session {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
-                    self.drain(&mut guard.get_inner_mut().0)?;
+                    self.drain(&mut guard.get_inner_mut().0);
                     guard.clear_ready();
                 }
                 _ = sig.int.recv() => break,
                 _ = sig.term.recv() => break,
                 _ = tick.tick() => {
                     ticks += 1;
-                    self.drain(&mut ring.get_mut().0)?;
+                    self.drain(&mut ring.get_mut().0);
                     self.probes.flush_logs();
                     if ticks.is_multiple_of(5) {
                         self.report_new_drops();
@@ -269,7 +269,6 @@ impl Session {
                         self.prune_dead();
                     }
                     if roots.iter().all(|r| !targets::exists(*r)) {
-                        self.drain(&mut ring.get_mut().0)?;
                         eprintln!("observer: every observed uWSGI instance has exited");
                         break;
                     }
@@ -277,14 +276,15 @@ impl Session {
             }
         }
         // Records already in the ring still count.
-        self.drain(&mut ring.get_mut().0)
+        self.drain(&mut ring.get_mut().0);
+        Ok(())
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<()> {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             match decode::parse_record(&item) {
-                Ok(Record::Request(ev)) => self.on_request(&ev)?,
-                Ok(Record::Proc(ev)) => self.on_proc(&ev)?,
+                Ok(Record::Request(ev)) => self.on_request(&ev),
+                Ok(Record::Proc(ev)) => self.on_proc(&ev),
                 Err(e) => {
                     self.summary.decode_errors += 1;
                     log::warn!("undecodable record: {e}");
@@ -293,14 +293,13 @@ impl Session {
         }
         let r = self.printer.flush();
         self.output_result(r);
-        Ok(())
     }
 
-    fn on_request(&mut self, ev: &observer_common::RequestEvent) -> Result<()> {
+    fn on_request(&mut self, ev: &observer_common::RequestEvent) {
         let st = self.instances.entry(ev.instance).or_default();
         if st.refused {
             self.summary.refused += 1;
-            return Ok(());
+            return;
         }
         if ev.flags & observer_common::FLAG_VARS_TRUNCATED != 0 {
             self.summary.vars_truncated += 1;
@@ -308,11 +307,11 @@ impl Session {
         if let Err(why) = decode::validate(ev, now_us()) {
             if why == decode::Invalid::NoRequest {
                 self.summary.empty_connections += 1;
-                return Ok(());
+                return;
             }
             *self.summary.invalid.entry(why.to_string()).or_default() += 1;
             if !why.suspects_layout() {
-                return Ok(());
+                return;
             }
             st.invalid += 1;
             if st.valid == 0 && st.invalid >= REFUSE_AFTER {
@@ -323,7 +322,7 @@ impl Session {
                 );
                 self.refuse(ev.instance);
             }
-            return Ok(());
+            return;
         }
         st.valid += 1;
         let r = self.decoder.request(ev);
@@ -348,7 +347,6 @@ impl Session {
         }
         let res = self.printer.request(&r);
         self.output_result(res);
-        Ok(())
     }
 
     /// A broken output (closed pipe, full disk) must not stop the observer, its OAP
@@ -371,7 +369,7 @@ impl Session {
         }
     }
 
-    fn on_proc(&mut self, ev: &observer_common::ProcEvent) -> Result<()> {
+    fn on_proc(&mut self, ev: &observer_common::ProcEvent) {
         let rec = decode::proc_record(ev);
         match ProcAction::try_from(ev.action) {
             Ok(ProcAction::Fork) => self.summary.forks += 1,
@@ -390,7 +388,6 @@ impl Session {
         }
         let res = self.printer.process(&rec);
         self.output_result(res);
-        Ok(())
     }
 
     /// After execve a process may be uWSGI again (master on HUP, maybe a new build) or

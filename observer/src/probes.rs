@@ -111,7 +111,7 @@ pub struct Probes {
     /// (dev, inode) of each file we put the uprobe in.
     attached: StdHashMap<(u64, u64), String>,
     layout_slots: Vec<ReqLayout>,
-    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Probes {
@@ -158,7 +158,7 @@ impl Probes {
                 stats,
                 attached: StdHashMap::new(),
                 layout_slots: Vec::new(),
-                _logger: logger,
+                logger: logger,
             },
             events,
         ))
@@ -219,7 +219,7 @@ impl Probes {
     }
 
     pub fn flush_logs(&mut self) {
-        if let Some(l) = self._logger.as_mut() {
+        if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
     }
