@@ -158,7 +158,7 @@ impl Probes {
                 stats,
                 attached: StdHashMap::new(),
                 layout_slots: Vec::new(),
-                logger: logger,
+                logger,
             },
             events,
         ))
