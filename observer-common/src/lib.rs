@@ -30,6 +30,7 @@ pub const MAX_LAYOUTS: u32 = 8;
 pub enum EventKind {
     Request = 1,
     Proc = 2,
+    Exception = 3,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -38,6 +39,7 @@ impl TryFrom<u32> for EventKind {
         match v {
             1 => Ok(Self::Request),
             2 => Ok(Self::Proc),
+            3 => Ok(Self::Exception),
             other => Err(other),
         }
     }
@@ -75,6 +77,11 @@ pub struct Tracked {
     pub instance: u32,
     /// Index into LAYOUTS; [`LAYOUT_NONE`] means "do not capture requests here".
     pub layout: u32,
+    /// Index into PYLAYOUTS; [`LAYOUT_NONE`] means "no exception capture here".
+    pub py: u32,
+    pub _pad: u32,
+    /// Address of `_PyRuntime` in this process (the same in every forked worker).
+    pub py_runtime: u64,
 }
 pub const LAYOUT_NONE: u32 = u32::MAX;
 
@@ -168,8 +175,16 @@ pub enum Stat {
     /// Records whose per-CPU scratch space was reused by a run that preempted them (sent
     /// with `FLAG_SCRATCH_RACE`; userspace rejects them).
     ScratchRace = 7,
+    /// Python exceptions seen unwinding a frame (PyTraceBack_Here hits in tracked threads).
+    PyFrames = 8,
+    /// Exception records for failed requests handed to userspace.
+    ExceptionsSent = 9,
+    /// Exception records lost because the ring buffer was full.
+    ExceptionRingFull = 10,
+    /// A user-memory read failed while following an exception (that hit is skipped).
+    PyReadErrors = 11,
 }
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_COUNT: u32 = 12;
 
 /// Capture limits, in bytes (powers of two, see observer-ebpf's copy_user).
 /// Header vars scanned per request (key+value pairs). uWSGI's default `--max-vars` is 64.
@@ -254,7 +269,127 @@ pub struct ProcEvent {
     pub ktime_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Tracked>() == 8);
+/// PYLAYOUTS: index -> [`PyLayout`], one slot per CPython minor version in use.
+pub const MAP_PYLAYOUTS: &str = "PYLAYOUTS";
+pub const MAX_PYLAYOUTS: u32 = 8;
+
+/// CPython struct offsets for one minor version (x86_64, from the public headers).
+/// Two frame models: 3.11+ reach the code object through `_PyInterpreterFrame`
+/// (`frame_iframe` set), older versions read it from `PyFrameObject` itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PyLayout {
+    /// `_PyRuntime.gilstate.tstate_current`: the thread state holding the GIL.
+    pub runtime_tstate: u32,
+    /// `PyThreadState.curexc_type`; `curexc_value` and `curexc_traceback` follow (8 bytes apart).
+    pub tstate_curexc: u32,
+    /// `PyTracebackObject.tb_next`.
+    pub tb_next: u32,
+    /// `PyFrameObject.f_frame` (3.11+), or [`PY_NONE`].
+    pub frame_iframe: u32,
+    /// Code object pointer, in the interpreter frame (3.11+) or in the frame object.
+    pub code: u32,
+    /// 3.11+: `prev_instr` pointer in the interpreter frame; older: `int f_lasti` in the frame.
+    pub instr: u32,
+    /// 3.11+: `co_code_adaptive` (the bytecode inside the code object); older: unused.
+    pub code_adaptive: u32,
+    /// Older versions: bytes per `f_lasti` unit (1 for 3.8/3.9, 2 for 3.10).
+    pub lasti_scale: u32,
+    /// `PyTypeObject.tp_name` and `tp_flags`.
+    pub tp_name: u32,
+    pub tp_flags: u32,
+    /// `PyBaseExceptionObject.args`.
+    pub exc_args: u32,
+    /// `str`: the `state` bit field, and where compact ASCII / compact non-ASCII data start.
+    pub str_state: u32,
+    pub str_ascii_data: u32,
+    pub str_compact_data: u32,
+    /// Non-compact (legacy) `str`: pointer to the data.
+    pub str_data_ptr: u32,
+    pub _pad: u32,
+}
+pub const PY_NONE: u32 = u32::MAX;
+
+/// PyTraceBack_Here state per thread (EXC map): the exception unwinding now and the one
+/// that unwound the most frames since the thread's last request ended.
+pub const MAP_EXC: &str = "EXC";
+pub const MAX_EXC_THREADS: u32 = 8192;
+/// Innermost frames kept per exception.
+pub const PY_FRAMES: usize = 8;
+pub const EXC_TYPE_CAP: usize = 64;
+pub const EXC_MSG_CAP: usize = 256;
+
+/// One frame of a traceback: resolved to file, function and line by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PyFrame {
+    /// `PyCodeObject *` (long-lived: owned by the function).
+    pub code: u64,
+    /// Byte offset of the instruction in the code's bytecode.
+    pub lasti: i32,
+    pub _pad: u32,
+}
+
+/// One exception as it unwinds. `frames[..PY_FRAMES - 1]` are the innermost frames (the
+/// raise site first); the last slot always holds the latest (outermost so far) frame once
+/// the exception unwound more than that: the frame that caught it is always known.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExcSlot {
+    /// The thread's `curexc_traceback` at the latest hit: the next hit of the same exception
+    /// sees a traceback whose `tb_next` is this.
+    pub last_tb: u64,
+    /// The exception value at the latest hit.
+    pub value: u64,
+    /// Frames unwound so far (may exceed [`PY_FRAMES`]).
+    pub nframes: u32,
+    /// Type and message were read (done once, when this exception takes the lead).
+    pub described: u32,
+    /// It escaped into uWSGI (PyErr_Display ran while it was current).
+    pub escaped: u32,
+    pub _pad: u32,
+    /// Bytes of `msg` the message has (cut at [`EXC_MSG_CAP`]); the full size in `msg_full`.
+    pub msg_len: u32,
+    /// `str` kind of the message: 0 none, 1 latin-1 (or ASCII), 2 UCS-2, 4 UCS-4.
+    pub msg_kind: u32,
+    pub msg_full: u32,
+    /// What the message came from: 0 none, 1 str value, 2 first arg of the exception,
+    /// 3 first item of a tuple value.
+    pub msg_from: u32,
+    pub frames: [PyFrame; PY_FRAMES],
+    pub type_name: [u8; EXC_TYPE_CAP],
+    pub msg: [u8; EXC_MSG_CAP],
+}
+
+/// Value of the EXC map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExcTrack {
+    /// Which slot the current exception is in.
+    pub cur: u32,
+    pub _pad: u32,
+    pub slots: [ExcSlot; 2],
+}
+
+/// The exception behind a failed request (status >= 500), sent right before its
+/// [`RequestEvent`] by the same probe run.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExceptionEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub instance: u32,
+    /// The request it belongs to (`struct wsgi_request *`, as in [`RequestEvent::req`]).
+    pub req: u64,
+    pub exc: ExcSlot,
+}
+
+const _: () = assert!(core::mem::size_of::<PyLayout>() == 64);
+const _: () = assert!(core::mem::size_of::<ExcSlot>() == 496);
+const _: () = assert!(core::mem::size_of::<ExcTrack>() == 1000);
+const _: () = assert!(core::mem::size_of::<ExceptionEvent>() == 520);
+const _: () = assert!(core::mem::size_of::<Tracked>() == 24);
 const _: () = assert!(core::mem::size_of::<ReqLayout>() == 56);
 const _: () = assert!(core::mem::size_of::<TpConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
@@ -269,4 +404,5 @@ mod user {
     unsafe impl aya::Pod for Tracked {}
     unsafe impl aya::Pod for ReqLayout {}
     unsafe impl aya::Pod for TpConfig {}
+    unsafe impl aya::Pod for PyLayout {}
 }

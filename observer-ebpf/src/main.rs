@@ -9,13 +9,13 @@
 use core::{ffi::c_void, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_loop, bpf_probe_read_user as raw_read_user},
+        generated::{bpf_loop, bpf_probe_read_user as raw_read_user, bpf_probe_read_user_str},
     },
     macros::{map, tracepoint, uprobe},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, TracePointContext},
 };
 use observer_common::*;
@@ -46,6 +46,18 @@ static HEAD: PerCpuArray<[u8; REQ_HEAD_BYTES]> = PerCpuArray::with_max_entries(1
 /// Scratch space for the request's iovec array (key iovec + value iovec per var).
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<[u8; MAX_SCAN_VARS * 32]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "PYLAYOUTS")]
+static PYLAYOUTS: Array<PyLayout> = Array::with_max_entries(MAX_PYLAYOUTS, 0);
+
+/// tid -> the exceptions that unwound Python frames on this thread since its last request
+/// ended. LRU: threads that die or never finish a request age out.
+#[map(name = "EXC")]
+static EXC: LruHashMap<u32, ExcTrack> = LruHashMap::with_max_entries(MAX_EXC_THREADS, 0);
+
+/// All zeroes: the initial EXC value (too big for the BPF stack).
+#[map(name = "EXC_ZERO")]
+static EXC_ZERO: PerCpuArray<ExcTrack> = PerCpuArray::with_max_entries(1, 0);
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// Pending bytes in EVENTS that justify waking the reader (about 20 request records).
@@ -202,6 +214,15 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     if req == 0 {
         return Ok(());
     }
+    // Exceptions unwound on this thread during the request: for a failed request, send
+    // the one that went furthest, ahead of the request record (so userspace has it first).
+    if let Some(tr) = EXC.get_ptr(&tid) {
+        if read::<i32>(req, layout.status).unwrap_or(0) >= 500 {
+            // SAFETY: map value pointer, valid for this run.
+            send_exception(unsafe { &*tr }, tgid, tid, tracked.instance, req);
+        }
+        let _ = EXC.remove(&tid);
+    }
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         bump(Stat::RingFull);
         return Ok(());
@@ -321,6 +342,257 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     entry.submit(flags as u64);
     bump(Stat::RequestsSent);
     Ok(())
+}
+
+/// Sends the exception of `tr` that escaped into uWSGI, else the one that unwound the most
+/// frames (on a tie, the earlier one).
+#[inline(always)]
+fn send_exception(tr: &ExcTrack, tgid: u32, tid: u32, instance: u32, req: u64) {
+    let c = tr.cur & 1;
+    let (cur, other) = if c == 0 { (&tr.slots[0], &tr.slots[1]) } else { (&tr.slots[1], &tr.slots[0]) };
+    let best = if cur.escaped != 0 {
+        cur
+    } else if other.escaped != 0 || other.nframes >= cur.nframes {
+        other
+    } else {
+        cur
+    };
+    if best.nframes == 0 || best.described == 0 {
+        return;
+    }
+    match EVENTS.reserve::<ExceptionEvent>(0) {
+        Some(mut e) => {
+            let ev = e.as_mut_ptr();
+            // SAFETY: live reservation of size_of::<ExceptionEvent>(); `best` is a map value.
+            unsafe {
+                (*ev).kind = EventKind::Exception as u32;
+                (*ev).tgid = tgid;
+                (*ev).tid = tid;
+                (*ev).instance = instance;
+                (*ev).req = req;
+                core::ptr::copy_nonoverlapping(best as *const ExcSlot, addr_of_mut!((*ev).exc), 1);
+            }
+            e.submit(0);
+            bump(Stat::ExceptionsSent);
+        }
+        None => bump(Stat::ExceptionRingFull),
+    }
+}
+
+const TPF_TUPLE: u64 = 1 << 26;
+const TPF_STR: u64 = 1 << 28;
+const TPF_BASE_EXC: u64 = 1 << 30;
+
+/// `int PyTraceBack_Here(PyFrameObject *f)`, in libpython: CPython calls it once per
+/// (exception, Python frame) as an exception unwinds, including the frame that catches it.
+/// Nothing calls it on a request without exceptions, so it costs nothing there. Each hit
+/// appends the frame to the thread's current exception; a request's error is the exception
+/// that unwound the most frames (the one that escaped the view: control-flow exceptions
+/// are caught within a frame or two).
+#[uprobe]
+pub fn py_traceback(ctx: ProbeContext) -> u32 {
+    if try_py_traceback(&ctx).is_err() {
+        bump(Stat::PyReadErrors);
+    }
+    0
+}
+
+fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    let Some(t) = (unsafe { TRACKED.get(&tgid) }) else { return Ok(()) };
+    let Some(pl) = PYLAYOUTS.get(t.py) else { return Ok(()) };
+    bump(Stat::PyFrames);
+    let frame: u64 = ctx.arg(0).ok_or(0i64)?;
+    // The GIL holder is the thread running this frame.
+    let tstate: u64 = read(t.py_runtime, pl.runtime_tstate)?;
+    let exc: [u64; 3] = read(tstate, pl.tstate_curexc)?;
+    let (etype, value, tb) = (exc[0], exc[1], exc[2]);
+    let (code, lasti) = if pl.frame_iframe != PY_NONE {
+        let iframe: u64 = read(frame, pl.frame_iframe)?;
+        let code: u64 = read(iframe, pl.code)?;
+        let instr: u64 = read(iframe, pl.instr)?;
+        (code, instr.wrapping_sub(code + pl.code_adaptive as u64) as i32)
+    } else {
+        let code: u64 = read(frame, pl.code)?;
+        let lasti: i32 = read(frame, pl.instr)?;
+        (code, lasti.wrapping_mul(pl.lasti_scale as i32))
+    };
+    // The traceback this hit extends: the previous hit of the same exception left it there.
+    let prev: u64 = if tb == 0 { 0 } else { read(tb, pl.tb_next)? };
+
+    let tr = match EXC.get_ptr_mut(&tid) {
+        Some(p) => p,
+        None => {
+            let zero = EXC_ZERO.get_ptr(0).ok_or(0i64)?;
+            // SAFETY: per-CPU map value, never written.
+            let _ = EXC.insert(&tid, unsafe { &*zero }, BPF_NOEXIST as u64);
+            EXC.get_ptr_mut(&tid).ok_or(0i64)?
+        }
+    };
+    // SAFETY: map value pointer, valid for this run; one program run per thread at a time.
+    let tr = unsafe { &mut *tr };
+    let c = tr.cur & 1;
+    let o = c ^ 1;
+    // A traceback object is alive (hence unique) while its chain is, so a non-null link
+    // identifies the exception; at its first frame the link is null: compare the values.
+    let same = |s: &ExcSlot, v: u64| s.nframes > 0 && tb != 0 && prev == s.last_tb && (prev != 0 || s.value == v);
+    let idx = if same(slot(tr, c), value) {
+        c
+    } else if same(slot(tr, o), value) {
+        o
+    } else {
+        // A new exception: it takes the slot that does not hold the leader.
+        let n = if slot(tr, c).nframes > slot(tr, o).nframes { o } else { c };
+        let s = slot_mut(tr, n);
+        s.nframes = 0;
+        s.described = 0;
+        s.escaped = 0;
+        s.msg_len = 0;
+        s.msg_full = 0;
+        s.msg_kind = 0;
+        s.msg_from = 0;
+        s.type_name[0] = 0;
+        n
+    };
+    tr.cur = idx;
+    let rival = slot(tr, idx ^ 1).nframes;
+    let s = slot_mut(tr, idx);
+    // Innermost frames fill the array; past it, the last slot tracks the outermost frame.
+    let n = s.nframes as usize;
+    let at = if n < PY_FRAMES - 1 { n } else { PY_FRAMES - 1 };
+    s.frames[at & (PY_FRAMES - 1)] = PyFrame { code, lasti, _pad: 0 };
+    s.nframes += 1;
+    s.last_tb = tb;
+    s.value = value;
+    // Read type and message once, when this exception takes the lead: the objects are alive
+    // now (they are the thread's current exception) but may be gone by the request's end.
+    if s.described == 0 && s.nframes > rival {
+        s.described = 1;
+        describe(s, pl, etype, value);
+    }
+    Ok(())
+}
+
+/// `void PyErr_Display(PyObject *type, PyObject *value, PyObject *tb)`: uWSGI prints an
+/// exception that escaped the WSGI callable; it is this thread's current one.
+#[uprobe]
+pub fn py_display(_ctx: ProbeContext) -> u32 {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookups return pointers valid for the program's run.
+    if unsafe { TRACKED.get(&tgid) }.is_none() {
+        return 0;
+    }
+    if let Some(tr) = EXC.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer, valid for this run.
+        let tr = unsafe { &mut *tr };
+        let c = tr.cur;
+        let s = slot_mut(tr, c);
+        if s.nframes > 0 {
+            s.escaped = 1;
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn slot(tr: &ExcTrack, i: u32) -> &ExcSlot {
+    if i == 0 {
+        &tr.slots[0]
+    } else {
+        &tr.slots[1]
+    }
+}
+
+#[inline(always)]
+fn slot_mut(tr: &mut ExcTrack, i: u32) -> &mut ExcSlot {
+    if i == 0 {
+        &mut tr.slots[0]
+    } else {
+        &mut tr.slots[1]
+    }
+}
+
+/// Type name and message of an exception (3.8-3.11 may hold it unnormalized: the value is
+/// then a `str`, a tuple of args, or NULL).
+#[inline(always)]
+fn describe(s: &mut ExcSlot, pl: &PyLayout, etype: u64, value: u64) {
+    if let Ok(name) = read::<u64>(etype, pl.tp_name) {
+        // SAFETY: bounded by the buffer's size; a fault leaves an empty string.
+        let rc = unsafe {
+            bpf_probe_read_user_str(s.type_name.as_mut_ptr() as *mut c_void, EXC_TYPE_CAP as u32, name as *const c_void)
+        };
+        if rc < 0 {
+            s.type_name[0] = 0;
+        }
+    }
+    if value == 0 {
+        return;
+    }
+    let Ok(flags) = type_flags(value, pl) else { return };
+    let (obj, from) = if flags & TPF_STR != 0 {
+        (value, 1)
+    } else if flags & TPF_BASE_EXC != 0 {
+        match first_item(read::<u64>(value, pl.exc_args).unwrap_or(0)) {
+            Some(o) => (o, 2),
+            None => return,
+        }
+    } else if flags & TPF_TUPLE != 0 {
+        match first_item(value) {
+            Some(o) => (o, 3),
+            None => return,
+        }
+    } else {
+        return;
+    };
+    if from != 1 && !matches!(type_flags(obj, pl), Ok(f) if f & TPF_STR != 0) {
+        s.msg_from = from + 10; // first item is not a str: no text
+        return;
+    }
+    let Ok(state) = read::<u32>(obj, pl.str_state) else { return };
+    let Ok(length) = read::<i64>(obj, 16) else { return };
+    let kind = (state >> 2) & 7;
+    let compact = state & (1 << 5) != 0;
+    let ascii = state & (1 << 6) != 0;
+    let data = if compact && ascii {
+        obj + pl.str_ascii_data as u64
+    } else if compact {
+        obj + pl.str_compact_data as u64
+    } else {
+        read::<u64>(obj, pl.str_data_ptr).unwrap_or(0)
+    };
+    if !matches!(kind, 1 | 2 | 4) || length < 0 || data == 0 {
+        return;
+    }
+    // Cap before multiplying (no 128-bit arithmetic on BPF); only the cap is copied anyway.
+    let length = if length > (1 << 28) { 1u64 << 28 } else { length as u64 };
+    let bytes = (length * kind as u64) as u32;
+    let take = if bytes > u16::MAX as u32 { u16::MAX } else { bytes as u16 };
+    if copy_user(addr_of_mut!(s.msg), data, take) {
+        s.msg_kind = kind;
+        s.msg_full = bytes;
+        s.msg_len = if bytes as usize > EXC_MSG_CAP { EXC_MSG_CAP as u32 } else { bytes };
+        s.msg_from = from;
+    }
+}
+
+#[inline(always)]
+fn type_flags(obj: u64, pl: &PyLayout) -> Result<u64, i64> {
+    let ty: u64 = read(obj, 8)?;
+    read(ty, pl.tp_flags)
+}
+
+/// `tuple[0]`, if the tuple is not empty.
+#[inline(always)]
+fn first_item(tuple: u64) -> Option<u64> {
+    if tuple == 0 {
+        return None;
+    }
+    let n: i64 = read(tuple, 16).ok()?;
+    if n < 1 {
+        return None;
+    }
+    read::<u64>(tuple, 24).ok().filter(|p| *p != 0)
 }
 
 #[inline(always)]

@@ -19,6 +19,8 @@ pub enum DecodeError {
     RequestSize { got: usize, want: usize },
     #[error("process record has {got} bytes, expected {want}")]
     ProcSize { got: usize, want: usize },
+    #[error("exception record has {got} bytes, expected {want}")]
+    ExceptionSize { got: usize, want: usize },
     #[error("unknown process action {0}")]
     UnknownAction(u32),
 }
@@ -64,6 +66,7 @@ impl Invalid {
 pub enum Record {
     Request(Box<RequestEvent>),
     Proc(ProcEvent),
+    Exception(Box<ExceptionEvent>),
 }
 
 /// Splits a ring-buffer record by its kind, checking its size exactly.
@@ -89,6 +92,14 @@ pub fn parse_record(buf: &[u8]) -> Result<Record, DecodeError> {
             let ev: ProcEvent = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
             ProcAction::try_from(ev.action).map_err(DecodeError::UnknownAction)?;
             Ok(Record::Proc(ev))
+        }
+        EventKind::Exception => {
+            let want = size_of::<ExceptionEvent>();
+            if buf.len() != want {
+                return Err(DecodeError::ExceptionSize { got: buf.len(), want });
+            }
+            // SAFETY: as above (integers and byte arrays only).
+            Ok(Record::Exception(Box::new(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) })))
         }
     }
 }
@@ -119,6 +130,10 @@ pub struct Request {
     /// Fields cut at the capture limit.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<&'static str>,
+    /// The Python exception that failed the request (status >= 500), read from the
+    /// interpreter; absent when none was seen or it could not be resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exception: Option<crate::python::PyException>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -299,6 +314,7 @@ impl Decoder {
             sw8_correlation: sw8_corr.filter(|_| self.keep("sw8-correlation")),
             sw8_x: sw8_x.filter(|_| self.keep("sw8-x")),
             truncated,
+            exception: None,
         }
     }
 

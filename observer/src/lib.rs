@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod export;
 pub mod probes;
+pub mod python;
 pub mod spans;
 pub mod targets;
 
@@ -91,6 +92,15 @@ pub struct Summary {
     pub output_errors: u64,
     /// Requests whose header scan stopped early (sw8 headers past the limit may be missed).
     pub vars_truncated: u64,
+    /// Python exceptions: frames unwound in observed threads (kernel count), failed
+    /// requests given a traceback, and exception records not used, by reason.
+    pub py_frames_unwound: u64,
+    pub exceptions_reported: u64,
+    pub exceptions_unresolved: BTreeMap<String, u64>,
+    /// Exception records lost in the kernel: ring buffer full.
+    pub lost_exceptions_ring_full: u64,
+    /// Unwinding frames the kernel could not read (those hits are skipped).
+    pub py_read_errors: u64,
 }
 
 /// Per-instance state for the live layout check.
@@ -102,6 +112,10 @@ struct InstanceState {
     version: String,
     file: String,
     spans: Option<spans::SpanConfig>,
+    /// The interpreter, when exception capture works for its version.
+    py: Option<python::PyTarget>,
+    py_valid: u64,
+    py_invalid: u64,
 }
 
 /// After this many invalid records with none valid, a target's layout is declared wrong.
@@ -127,6 +141,12 @@ struct Session {
     summary_file: Option<PathBuf>,
     /// Processes that exec'd and whose new image is not resolved yet, since when.
     pending_exec: HashMap<u32, Instant>,
+    /// tid -> the exception record sent just before that thread's next request record.
+    pending_exc: HashMap<u32, Box<observer_common::ExceptionEvent>>,
+    /// Worker pid -> whether it runs several requests per thread (gevent, async).
+    async_workers: HashMap<u32, bool>,
+    /// tid -> the uWSGI core it served last (a second core on one thread means async).
+    tid_core: HashMap<u32, i32>,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -183,10 +203,35 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         reported: HashMap::new(),
         summary_file: opts.summary_file.clone(),
         pending_exec: HashMap::new(),
+        pending_exc: HashMap::new(),
+        async_workers: HashMap::new(),
+        tid_core: HashMap::new(),
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
-        let t = Tracked { instance: *root, layout: slot };
+        let py = match python::python_target(*root) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!(
+                    "observer: warning: instance {root}: {e}; failed requests are reported from their status only, without a traceback"
+                );
+                None
+            }
+        };
+        let py_slot = match &py {
+            Some(p) => {
+                s.probes.attach_python(p)?;
+                s.probes.py_slot(p)?
+            }
+            None => LAYOUT_NONE,
+        };
+        let t = Tracked {
+            instance: *root,
+            layout: slot,
+            py: py_slot,
+            _pad: 0,
+            py_runtime: py.as_ref().map_or(0, |p| p.runtime),
+        };
         // Scan twice: a process forked between the first scan and its insertion is caught
         // by the second (after insertion, the fork tracepoint follows it in kernel).
         let mut n = 0;
@@ -214,6 +259,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
                 version: target.version.clone(),
                 file: target.display.clone(),
                 spans,
+                py: py.clone(),
                 ..Default::default()
             },
         );
@@ -221,6 +267,9 @@ pub async fn attach(opts: Options) -> Result<Summary> {
             "observer: attached to uWSGI {} instance {root} ({n} processes), probe in {}",
             target.version, target.display
         );
+        if let Some(p) = &py {
+            eprintln!("observer: instance {root}: Python {} exceptions from {}", p.version, p.display);
+        }
     }
     // Loading parsed the kernel's BTF (tens of MB, now freed): give that memory back.
     // SAFETY: plain glibc call, no preconditions.
@@ -285,6 +334,9 @@ impl Session {
             match decode::parse_record(&item) {
                 Ok(Record::Request(ev)) => self.on_request(&ev),
                 Ok(Record::Proc(ev)) => self.on_proc(&ev),
+                Ok(Record::Exception(ev)) => {
+                    self.pending_exc.insert(ev.tid, ev);
+                }
                 Err(e) => {
                     self.summary.decode_errors += 1;
                     log::warn!("undecodable record: {e}");
@@ -325,7 +377,13 @@ impl Session {
             return;
         }
         st.valid += 1;
-        let r = self.decoder.request(ev);
+        let mut r = self.decoder.request(ev);
+        if let Some(exc) = self.pending_exc.remove(&ev.tid) {
+            if exc.req == ev.req && exc.tgid == ev.tgid {
+                r.exception = self.exception_for(ev, &exc);
+            }
+        }
+        let st = self.instances.entry(ev.instance).or_default();
         self.summary.requests += 1;
         if self.workers.insert(r.worker_pid) {
             self.workers_seen += 1;
@@ -349,6 +407,60 @@ impl Session {
         self.output_result(res);
     }
 
+    /// Resolves the exception record of a failed request, unless its worker runs several
+    /// requests per thread (gevent, async): exceptions of concurrent requests share the
+    /// thread there, so none is attributed (and each is counted).
+    fn exception_for(
+        &mut self,
+        ev: &observer_common::RequestEvent,
+        exc: &observer_common::ExceptionEvent,
+    ) -> Option<python::PyException> {
+        let unresolved = |s: &mut Summary, why: &str| *s.exceptions_unresolved.entry(why.to_string()).or_default() += 1;
+        let prev_core = self.tid_core.insert(ev.tid, ev.async_id);
+        let is_async = self.async_workers.entry(ev.tgid).or_insert_with(|| targets::is_async_worker(ev.tgid));
+        if prev_core.is_some_and(|c| c != ev.async_id) {
+            *is_async = true;
+        }
+        if *is_async {
+            unresolved(&mut self.summary, "async worker (not attributed)");
+            return None;
+        }
+        let st = self.instances.get_mut(&ev.instance)?;
+        let Some(t) = st.py.as_ref() else {
+            unresolved(&mut self.summary, "no interpreter layout");
+            return None;
+        };
+        match python::resolve(&exc.exc, t, ev.tgid) {
+            Ok(e) => {
+                st.py_valid += 1;
+                self.summary.exceptions_reported += 1;
+                Some(e)
+            }
+            Err(why) => {
+                unresolved(&mut self.summary, &why.to_string());
+                if why != python::Unresolved::Gone {
+                    st.py_invalid += 1;
+                    if st.py_valid == 0 && st.py_invalid >= REFUSE_AFTER {
+                        eprintln!(
+                            "observer: warning: instance {}: Python {} exception records did not validate on live data ({why}); tracebacks off for it, errors come from the status only",
+                            ev.instance,
+                            t.version
+                        );
+                        st.py = None;
+                        let instance = ev.instance;
+                        for pid in self.probes.tracked_pids() {
+                            if let Some(mut tr) = self.probes.tracked(pid).filter(|t| t.instance == instance) {
+                                tr.py = LAYOUT_NONE;
+                                let _ = self.probes.track(pid, tr);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
     /// A broken output (closed pipe, full disk) must not stop the observer, its OAP
     /// reporting or its summary: printing stops, once, with a warning, and is counted.
     fn output_result(&mut self, r: std::io::Result<()>) {
@@ -364,7 +476,9 @@ impl Session {
     fn refuse(&mut self, instance: u32) {
         for pid in self.probes.tracked_pids() {
             if self.probes.tracked(pid).is_some_and(|t| t.instance == instance) {
-                let _ = self.probes.track(pid, Tracked { instance, layout: LAYOUT_NONE });
+                let _ = self
+                    .probes
+                    .track(pid, Tracked { instance, layout: LAYOUT_NONE, py: LAYOUT_NONE, _pad: 0, py_runtime: 0 });
             }
         }
     }
@@ -372,9 +486,12 @@ impl Session {
     fn on_proc(&mut self, ev: &observer_common::ProcEvent) {
         let rec = decode::proc_record(ev);
         match ProcAction::try_from(ev.action) {
+            // The child inherited the parent's TRACKED value in the kernel (same interpreter,
+            // same addresses), so its exceptions are followed from its first instruction.
             Ok(ProcAction::Fork) => self.summary.forks += 1,
             Ok(ProcAction::Exit) => {
                 self.summary.exits += 1;
+                self.async_workers.remove(&ev.pid);
                 self.decoder.forget_pid(ev.pid);
                 self.forget_instance(ev.pid);
                 self.workers.remove(&ev.pid);
@@ -413,9 +530,25 @@ impl Session {
                 continue;
             };
             let refused = self.instances.get(&t.instance).is_some_and(|s| s.refused);
+            let had_py = self.instances.get(&t.instance).is_some_and(|s| s.py.is_some());
             let result = targets::probe_target(pid).map_err(anyhow::Error::from).and_then(|target| {
                 let slot = if refused { LAYOUT_NONE } else { self.probes.attach_target(&target)? };
-                self.probes.track(pid, Tracked { instance: t.instance, layout: slot })
+                // A new image has new addresses: find the interpreter again.
+                let py = if had_py { python::python_target(pid).ok() } else { None };
+                let (py_slot, runtime) = match &py {
+                    Some(p) => {
+                        self.probes.attach_python(p)?;
+                        (self.probes.py_slot(p)?, p.runtime)
+                    }
+                    None => (LAYOUT_NONE, 0),
+                };
+                if let (Some(p), Some(st)) = (py, self.instances.get_mut(&t.instance)) {
+                    st.py = Some(p);
+                }
+                self.probes.track(
+                    pid,
+                    Tracked { instance: t.instance, layout: slot, py: py_slot, _pad: 0, py_runtime: runtime },
+                )
             });
             match result {
                 Ok(()) => {
@@ -467,7 +600,10 @@ impl Session {
         sm.lost_ring_full = self.probes.stat(Stat::RingFull);
         sm.lost_proc_ring_full = self.probes.stat(Stat::ProcRingFull);
         sm.lost_tracked_full = self.probes.stat(Stat::TrackedFull);
-        sm.lost_ring_full + sm.lost_proc_ring_full + sm.lost_tracked_full
+        sm.lost_exceptions_ring_full = self.probes.stat(Stat::ExceptionRingFull);
+        sm.py_frames_unwound = self.probes.stat(Stat::PyFrames);
+        sm.py_read_errors = self.probes.stat(Stat::PyReadErrors);
+        sm.lost_ring_full + sm.lost_proc_ring_full + sm.lost_tracked_full + sm.lost_exceptions_ring_full
     }
 
     /// Drops are never silent: each new loss is reported as it happens.
@@ -500,6 +636,14 @@ impl Session {
             s.requests, s.workers, s.forks, s.exits, s.execs, s.empty_connections, s.lost_ring_full, s.lost_proc_ring_full,
             s.lost_tracked_full, invalid, s.refused, s.decode_errors, s.vars_truncated
         );
+        if s.py_frames_unwound > 0 || s.exceptions_reported > 0 {
+            let unresolved: u64 = s.exceptions_unresolved.values().sum();
+            eprintln!(
+                "observer: Python: frames_unwound={} tracebacks={} not_attached={} {:?} | lost: ring_full={} read_errors={}",
+                s.py_frames_unwound, s.exceptions_reported, unresolved, s.exceptions_unresolved,
+                s.lost_exceptions_ring_full, s.py_read_errors
+            );
+        }
         for f in self.probes.attached_files() {
             log::debug!("detaching uprobe from {f}");
         }

@@ -18,7 +18,10 @@ use aya::{
 };
 use observer_common::*;
 
-use crate::targets::{ProbeTarget, HANDLER_SYMBOL};
+use crate::{
+    python::{PyTarget, DISPLAY_SYMBOL, TRACEBACK_SYMBOL},
+    targets::{ProbeTarget, HANDLER_SYMBOL},
+};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
 
@@ -103,6 +106,9 @@ fn tp_config(tracefs: &Path) -> Result<TpConfig> {
     })
 }
 
+/// The exception probes, per process: (program, libpython function).
+const PY_PROBES: [(&str, &str); 2] = [("py_traceback", TRACEBACK_SYMBOL), ("py_display", DISPLAY_SYMBOL)];
+
 pub struct Probes {
     ebpf: Ebpf,
     tracked: HashMap<MapData, u32, Tracked>,
@@ -111,6 +117,10 @@ pub struct Probes {
     /// (dev, inode) of each file we put the uprobe in.
     attached: StdHashMap<(u64, u64), String>,
     layout_slots: Vec<ReqLayout>,
+    pylayouts: Array<MapData, PyLayout>,
+    py_slots: Vec<PyLayout>,
+    /// Interpreter libraries carrying the exception probes, by (dev, ino).
+    py_files: StdHashMap<(u64, u64), String>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -143,6 +153,11 @@ impl Probes {
         }
         let up: &mut UProbe = ebpf.program_mut("after_request").context("after_request")?.try_into()?;
         up.load().context("loading the after_request uprobe")?;
+        let py: &mut UProbe = ebpf.program_mut("py_traceback").context("py_traceback")?.try_into()?;
+        py.load().context("loading the py_traceback uprobe")?;
+        let pd: &mut UProbe = ebpf.program_mut("py_display").context("py_display")?.try_into()?;
+        pd.load().context("loading the py_display uprobe")?;
+        let pylayouts = Array::try_from(ebpf.take_map(MAP_PYLAYOUTS).context("map PYLAYOUTS")?)?;
 
         let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).context("map EVENTS")?)?;
         let tracked = HashMap::try_from(ebpf.take_map(MAP_TRACKED).context("map TRACKED")?)?;
@@ -158,6 +173,9 @@ impl Probes {
                 stats,
                 attached: StdHashMap::new(),
                 layout_slots: Vec::new(),
+                pylayouts,
+                py_slots: Vec::new(),
+                py_files: StdHashMap::new(),
                 logger,
             },
             events,
@@ -194,6 +212,37 @@ impl Probes {
             self.attached.insert((target.dev, target.ino), target.display.clone());
         }
         Ok(slot)
+    }
+
+    /// The PYLAYOUTS slot of an interpreter's layout.
+    pub fn py_slot(&mut self, t: &PyTarget) -> Result<u32> {
+        let l = t.layouts.kernel;
+        if let Some(i) = self.py_slots.iter().position(|x| *x == l) {
+            return Ok(i as u32);
+        }
+        let i = self.py_slots.len() as u32;
+        if i >= MAX_PYLAYOUTS {
+            bail!("too many different Python versions at once (max {MAX_PYLAYOUTS})");
+        }
+        self.pylayouts.set(i, &l, 0).context("writing PYLAYOUTS")?;
+        self.py_slots.push(l);
+        Ok(i)
+    }
+
+    /// Puts the exception probes on an interpreter library (once per file). They fire in
+    /// every process mapping that file and return at once outside TRACKED: scoping them to
+    /// pids instead would miss a new worker's first requests (forks are seen asynchronously).
+    pub fn attach_python(&mut self, t: &PyTarget) -> Result<()> {
+        if self.py_files.contains_key(&(t.dev, t.ino)) {
+            return Ok(());
+        }
+        for (prog, sym) in PY_PROBES {
+            let up: &mut UProbe = self.ebpf.program_mut(prog).context(prog)?.try_into()?;
+            up.attach([UProbeAttachLocation::Symbol(sym)], &t.path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching uprobe {sym} in {}", t.display))?;
+        }
+        self.py_files.insert((t.dev, t.ino), t.display.clone());
+        Ok(())
     }
 
     pub fn track(&mut self, pid: u32, t: Tracked) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use observer_proto::v3::{
-    KeyStringValuePair, RefType, SegmentObject, SegmentReference, SpanLayer, SpanObject, SpanType,
+    KeyStringValuePair, Log, RefType, SegmentObject, SegmentReference, SpanLayer, SpanObject, SpanType,
 };
 
 use crate::decode::Request;
@@ -171,13 +171,18 @@ pub fn segment(r: &Request, cfg: &SpanConfig) -> (SegmentObject, SegmentNotes) {
         span_type: SpanType::Entry as i32,
         span_layer: SpanLayer::Http as i32,
         component_id: cfg.component,
-        is_error: r.status >= cfg.error_status,
+        is_error: r.status >= cfg.error_status || r.exception.is_some(),
         tags: vec![
             tag("http.method", r.method.clone()),
             tag("http.url", url),
             tag("http.status_code", r.status.to_string()),
         ],
-        logs: vec![],
+        // As the Python agent's span.raised(): one log entry, key "Traceback".
+        logs: r
+            .exception
+            .iter()
+            .map(|e| Log { time: (r.end_us / 1000) as i64, data: vec![tag("Traceback", e.traceback.clone())] })
+            .collect(),
         skip_analysis: r.sw8_x.as_deref().is_some_and(sw8x_skip_analysis),
     };
     let seg = SegmentObject {
@@ -232,6 +237,7 @@ mod tests {
             sw8_correlation: None,
             sw8_x: None,
             truncated: vec![],
+            exception: None,
         }
     }
 

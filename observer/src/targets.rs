@@ -306,6 +306,34 @@ pub fn service_from_cmdline(cmdline: &[u8]) -> Option<String> {
     None
 }
 
+/// uWSGI options that run several requests on one thread.
+const ASYNC_OPTIONS: [&str; 7] = ["gevent", "async", "ugreen", "greenlet", "asyncio", "tornado", "coroae"];
+
+/// Whether a uWSGI worker runs several requests per thread (gevent, async cores): from its
+/// command line (`--gevent 100`, `--async=10`) or a loaded greenlet/gevent module (for
+/// options given in a config file).
+pub fn is_async_worker(pid: u32) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    async_from(&cmdline, &maps)
+}
+
+pub fn async_from(cmdline: &[u8], maps: &str) -> bool {
+    let by_flag = cmdline.split(|&b| b == 0).any(|a| {
+        let a = String::from_utf8_lossy(a);
+        let opt = a.trim_start_matches('-').split('=').next().unwrap_or("").to_string();
+        a.starts_with("--") && ASYNC_OPTIONS.contains(&opt.as_str())
+    });
+    let by_module = parse_maps_exec_files(maps).iter().any(|p| {
+        let name = p.rsplit('/').next().unwrap_or("");
+        name.starts_with("_greenlet")
+            || name.starts_with("gevent")
+            || p.contains("/greenlet/")
+            || p.contains("/gevent/")
+    });
+    by_flag || by_module
+}
+
 /// The Python version of the libpython a process maps ("3.11"), if any.
 pub fn python_version(pid: u32) -> Option<String> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
@@ -375,6 +403,17 @@ pub fn probe_target(pid: u32) -> Result<ProbeTarget, TargetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn async_detection() {
+        assert!(async_from(b"uwsgi\0--gevent\x00100\0", ""));
+        assert!(async_from(b"uwsgi\0--async=10\0", ""));
+        assert!(!async_from(b"uwsgi\0--threads\x004\0--http\0:80\0", ""));
+        assert!(!async_from(b"uwsgi\0--ini\0gevent.ini\0", ""));
+        let maps = "7f00-7f01 r-xp 00000000 fe:00 1 /v/lib/python3.11/site-packages/greenlet/_greenlet.cpython-311-x86_64-linux-gnu.so\n";
+        assert!(async_from(b"uwsgi\0--ini\0x.ini\0", maps));
+        assert!(async_from(b"", "7f00-7f01 r-xp 00000000 fe:00 1 /usr/lib/uwsgi/plugins/gevent_python3_plugin.so\n"));
+    }
 
     #[test]
     fn pidfile() {

@@ -29,6 +29,16 @@ def error():
     raise RuntimeError("boom 42")
 
 
+@app.route("/caught")
+def caught():
+    """An exception raised and handled inside the view: the request still succeeds (200)."""
+    try:
+        {}["missing"]
+    except KeyError:
+        pass
+    return "caught\n"
+
+
 @app.route("/upload", methods=["POST"])
 def upload():
     data = request.get_data()

@@ -15,6 +15,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod backends;
 pub mod receiver;
 
 pub fn repo() -> PathBuf {

@@ -414,7 +414,20 @@ fn official_agent_reports_into_the_receiver_and_parity() {
         // no http.status_code (it records the exception as a log instead); ours has the 500
         // the client got.
         let to: Vec<(&str, &str)> = if *op == *"/error" {
-            assert!(!sa.logs.is_empty(), "the agent logs the exception");
+            // Both report the exception as one log entry keyed "Traceback" whose text ends
+            // with the same frame and exception line (the agent formats it in-process with
+            // traceback.format_exc, we from the interpreter's memory).
+            for (who, sp) in [("agent", sa), ("observer", so)] {
+                assert_eq!(sp.logs.len(), 1, "{who}: {:?}", sp.logs);
+                assert_eq!(sp.logs[0].data.len(), 1, "{who}");
+                assert_eq!(sp.logs[0].data[0].key, "Traceback", "{who}");
+                let text = &sp.logs[0].data[0].value;
+                assert!(text.starts_with("Traceback (most recent call last):\n"), "{who}: {text}");
+                assert!(
+                    text.ends_with("in error\n    raise RuntimeError(\"boom 42\")\nRuntimeError: boom 42\n"),
+                    "{who}: {text}"
+                );
+            }
             assert!(to.contains(&("http.status_code", "500")));
             to.into_iter().filter(|t| t.0 != "http.status_code").collect()
         } else {

@@ -28,9 +28,28 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     // the detach test lists loaded eBPF programs
     "bpftool",
+    // backends of the exit-span tests (tests/src/backends.rs starts private instances on free
+    // ports; the system services are never started, see apt())
+    "redis-server",
+    "postgresql",
+    "mariadb-server",
 ];
 pub const UWSGI_VERSION: &str = "2.0.31";
-const PY_PACKAGES: &[&str] = &["uwsgi==2.0.31", "flask==3.1.3", "gevent==26.9.0", "apache-skywalking==1.2.0"];
+const PY_PACKAGES: &[&str] = &[
+    "uwsgi==2.0.31",
+    "flask==3.1.3",
+    "gevent==26.9.0",
+    "apache-skywalking==1.2.0",
+    // outbound clients of tests/apps/calls_app.py, and Django for tests/apps/django_app.py
+    "requests==2.34.2",
+    "redis==8.1.0",
+    "psycopg2-binary==2.9.13",
+    "PyMySQL==1.2.4",
+    "Django==5.2.19",
+];
+/// What python() imports to decide whether the venv is complete.
+const PY_IMPORTS: &str =
+    "import flask, gevent, skywalking.protocol.language_agent.Tracing_pb2, requests, redis, psycopg2, pymysql, django";
 
 pub fn venv() -> PathBuf {
     std::env::var_os("OBSERVER_VENV").map(PathBuf::from).unwrap_or_else(|| root().join(".venv"))
@@ -68,8 +87,10 @@ fn apt() -> Result<()> {
     }
     println!("== setup: apt-get install {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    // Packages such as nginx start a system service on install; tests start their own
-    // instances, so forbid service starts during the install (policy-rc.d exit 101).
+    // Packages such as nginx, redis-server, postgresql and mariadb-server start a system
+    // service on install; tests start their own instances, so forbid service starts during the
+    // install (policy-rc.d exit 101: invoke-rc.d and, under systemd, deb-systemd-invoke obey it).
+    // An existing policy-rc.d (Docker images ship one that also exits 101) is left as it is.
     let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
     let ours = !policy.exists();
     if ours {
@@ -135,7 +156,7 @@ fn python() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == UWSGI_VERSION)
         .unwrap_or(false)
         && Command::new(v.join("bin/python"))
-            .args(["-c", "import flask, gevent, skywalking.protocol.language_agent.Tracing_pb2"])
+            .args(["-c", PY_IMPORTS])
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());

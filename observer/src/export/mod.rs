@@ -32,7 +32,18 @@ impl<W: Write> Printer<W> {
                 serde_json::to_writer(&mut self.out, r)?;
                 self.out.write_all(b"\n")
             }
-            Format::Console => writeln!(self.out, "{}", console_line(r)),
+            Format::Console => {
+                writeln!(self.out, "{}", console_line(r))?;
+                match &r.exception {
+                    Some(e) => {
+                        for l in e.traceback.lines() {
+                            writeln!(self.out, "    | {l}")?;
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
+                }
+            }
             Format::None => Ok(()),
         }
     }
@@ -144,6 +155,7 @@ mod tests {
             sw8_correlation: None,
             sw8_x: None,
             truncated: vec![],
+            exception: None,
         };
         assert_eq!(
             console_line(&r),

@@ -1,0 +1,788 @@
+//! Stage 1b and 3b for Python exceptions: find the interpreter a uWSGI instance embeds
+//! (library, version, `_PyRuntime`), pick its struct layout, and turn an exception record
+//! from the kernel into the traceback text a Python user expects.
+//!
+//! The kernel sends only what dies with the request (type name, message) plus, per frame,
+//! the code object's address and the instruction offset. Code objects live as long as their
+//! function, so file, function and line are read here from the process's memory
+//! (`/proc/PID/mem`, read-only) and every object is type-checked first: a frame that does
+//! not check out drops the whole traceback rather than print a wrong one.
+
+use std::{
+    fs,
+    os::unix::fs::{FileExt, MetadataExt},
+    path::PathBuf,
+};
+
+use object::{Object, ObjectSegment, ObjectSymbol};
+use observer_common::{ExcSlot, PyLayout, EXC_MSG_CAP, PY_FRAMES, PY_NONE};
+
+/// The function the exception probe goes on (exported by every CPython 3.x).
+pub const TRACEBACK_SYMBOL: &str = "PyTraceBack_Here";
+/// Called when uWSGI prints an exception that escaped the WSGI callable.
+pub const DISPLAY_SYMBOL: &str = "PyErr_Display";
+
+/// How a code object maps instructions to lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineTable {
+    /// 3.8, 3.9: `co_lnotab`, (address delta u8, line delta i8) pairs.
+    Lnotab,
+    /// 3.10: `co_linetable`, (address delta u8, line delta i8; -128 = no line) pairs.
+    V310,
+    /// 3.11+: the location table of `Objects/locations.md`.
+    V311,
+}
+
+/// Code-object offsets userspace needs (the kernel needs only [`PyLayout`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeLayout {
+    pub firstlineno: u64,
+    pub filename: u64,
+    pub name: u64,
+    pub qualname: Option<u64>,
+    pub linetable: u64,
+    pub table: LineTable,
+    /// Where compact ASCII / compact non-ASCII `str` data and the legacy data pointer are.
+    pub str_ascii_data: u64,
+    pub str_compact_data: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layouts {
+    pub kernel: PyLayout,
+    pub code: CodeLayout,
+}
+
+/// Offsets for x86_64 CPython, from the public headers of each version (3.11 also checked
+/// against the pyenv build's DWARF and live, on the pip and Debian builds).
+/// 3.12 and 3.13 keep the exception in a thread state reached through thread-local storage,
+/// which this probe does not read yet: they get status-only errors.
+pub fn layouts_for(major: u32, minor: u32) -> Option<Layouts> {
+    if major != 3 {
+        return None;
+    }
+    let common = PyLayout {
+        runtime_tstate: 0,
+        tstate_curexc: 0,
+        tb_next: 16,
+        frame_iframe: PY_NONE,
+        code: 32,
+        instr: 0,
+        code_adaptive: 0,
+        lasti_scale: 1,
+        tp_name: 24,
+        tp_flags: 168,
+        exc_args: 24,
+        str_state: 32,
+        str_ascii_data: 48,
+        str_compact_data: 72,
+        str_data_ptr: 72,
+        _pad: 0,
+    };
+    let old_code = CodeLayout {
+        firstlineno: 40,
+        filename: 104,
+        name: 112,
+        qualname: None,
+        linetable: 120,
+        table: LineTable::Lnotab,
+        str_ascii_data: 48,
+        str_compact_data: 72,
+    };
+    Some(match minor {
+        8 | 9 => Layouts {
+            kernel: PyLayout {
+                runtime_tstate: if minor == 8 { 1368 } else { 568 },
+                tstate_curexc: 88,
+                instr: 104,
+                ..common
+            },
+            code: old_code,
+        },
+        10 => Layouts {
+            kernel: PyLayout { runtime_tstate: 568, tstate_curexc: 88, instr: 96, lasti_scale: 2, ..common },
+            code: CodeLayout { table: LineTable::V310, ..old_code },
+        },
+        11 => Layouts {
+            kernel: PyLayout {
+                runtime_tstate: 576,
+                tstate_curexc: 96,
+                frame_iframe: 24,
+                code: 32,
+                instr: 56,
+                code_adaptive: 184,
+                ..common
+            },
+            code: CodeLayout {
+                firstlineno: 72,
+                filename: 112,
+                name: 120,
+                qualname: Some(128),
+                linetable: 136,
+                table: LineTable::V311,
+                str_ascii_data: 48,
+                str_compact_data: 72,
+            },
+        },
+        _ => return None,
+    })
+}
+
+/// The interpreter embedded in one uWSGI process.
+#[derive(Clone, Debug)]
+pub struct PyTarget {
+    /// Path usable from our mount namespace (`/proc/PID/root/...`), for the uprobe.
+    pub path: PathBuf,
+    /// The path as the target sees it.
+    pub display: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub version: String,
+    pub layouts: Layouts,
+    /// Run-time addresses in this process (the same in workers forked from it).
+    pub runtime: u64,
+    pub code_type: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PyError {
+    #[error("no Python interpreter mapped")]
+    NoPython,
+    #[error("Python {0}: exception capture not supported for this version yet")]
+    Unsupported(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: String,
+}
+
+fn parse_maps(maps: &str) -> Vec<Mapping> {
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, _perms, off) = (f.next()?, f.next()?, f.next()?);
+            let path = f.nth(2)?;
+            let (a, b) = range.split_once('-')?;
+            Some(Mapping {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                offset: u64::from_str_radix(off, 16).ok()?,
+                path: path.to_string(),
+            })
+        })
+        .filter(|m| m.path.starts_with('/'))
+        .collect()
+}
+
+/// "3.11" from a file name like `libpython3.11.so.1.0`.
+pub fn soname_version(name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix("libpython")?;
+    let mut it = rest.split('.');
+    let major = it.next()?.parse().ok()?;
+    let minor: String = it.next()?.chars().take_while(|c| c.is_ascii_digit()).collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// `PY_VERSION_HEX` to "3.11.7".
+pub fn version_from_hex(v: u64) -> String {
+    format!("{}.{}.{}", (v >> 24) & 0xff, (v >> 16) & 0xff, (v >> 8) & 0xff)
+}
+
+/// Finds the interpreter of `pid`: a mapped libpython, or an executable that exports
+/// `_PyRuntime` (a statically linked Python).
+pub fn python_target(pid: u32) -> Result<PyTarget, PyError> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| PyError::Other(format!("reading /proc/{pid}/maps: {e}")))?;
+    let maps = parse_maps(&maps);
+    let mut files: Vec<&str> = Vec::new();
+    for m in &maps {
+        if !files.contains(&m.path.as_str()) {
+            files.push(&m.path);
+        }
+    }
+    // libpython first; else any file exporting _PyRuntime (static interpreter).
+    files.sort_by_key(|f| !f.rsplit('/').next().unwrap_or("").starts_with("libpython"));
+    for file in files {
+        let name = file.rsplit('/').next().unwrap_or("");
+        let is_lib = name.starts_with("libpython");
+        let path = PathBuf::from(format!("/proc/{pid}/root{file}"));
+        if !is_lib && !(name.starts_with("uwsgi") || name.starts_with("python")) {
+            continue;
+        }
+        let Ok(data) = fs::read(&path) else { continue };
+        let Ok(elf) = object::File::parse(&*data) else { continue };
+        let sym =
+            |want: &str| elf.dynamic_symbols().chain(elf.symbols()).find(|s| s.name() == Ok(want) && s.is_definition());
+        let Some(runtime) = sym("_PyRuntime") else { continue };
+        let (major, minor, version) = match sym("Py_Version").and_then(|s| read_u64(&elf, &data, s.address())) {
+            Some(v) => ((v >> 24) as u32 & 0xff, (v >> 16) as u32 & 0xff, version_from_hex(v)),
+            None => {
+                let (ma, mi) =
+                    soname_version(name).ok_or_else(|| PyError::Unsupported("older than 3.11, static".into()))?;
+                let v = find_py_version(&data, ma, mi).unwrap_or_else(|| format!("{ma}.{mi}"));
+                (ma, mi, v)
+            }
+        };
+        let layouts = layouts_for(major, minor).ok_or_else(|| PyError::Unsupported(version.clone()))?;
+        let code_type = sym("PyCode_Type").ok_or_else(|| PyError::Other(format!("{file}: no PyCode_Type symbol")))?;
+        for f in [TRACEBACK_SYMBOL, DISPLAY_SYMBOL] {
+            sym(f).ok_or_else(|| PyError::Other(format!("{file}: no {f} symbol")))?;
+        }
+        let runtime = runtime_address(&elf, &maps, file, runtime.address())
+            .ok_or_else(|| PyError::Other(format!("{file}: _PyRuntime is not mapped")))?;
+        let code_type = runtime_address(&elf, &maps, file, code_type.address())
+            .ok_or_else(|| PyError::Other(format!("{file}: PyCode_Type is not mapped")))?;
+        let md = fs::metadata(&path).map_err(|e| PyError::Other(format!("{file}: {e}")))?;
+        return Ok(PyTarget {
+            path,
+            display: file.to_string(),
+            dev: md.dev(),
+            ino: md.ino(),
+            version,
+            layouts,
+            runtime,
+            code_type,
+        });
+    }
+    Err(PyError::NoPython)
+}
+
+/// A symbol's virtual address to its address in the process: through the ELF segment that
+/// holds it (to a file offset), then the mapping of that file offset.
+fn runtime_address(elf: &object::File, maps: &[Mapping], file: &str, vaddr: u64) -> Option<u64> {
+    let seg = elf.segments().find(|s| s.address() <= vaddr && vaddr < s.address() + s.size())?;
+    let (file_off, _) = seg.file_range();
+    let off = file_off + (vaddr - seg.address());
+    maps.iter()
+        .find(|m| m.path == file && m.offset <= off && off < m.offset + (m.end - m.start))
+        .map(|m| m.start + (off - m.offset))
+}
+
+fn read_u64(elf: &object::File, data: &[u8], vaddr: u64) -> Option<u64> {
+    let seg = elf.segments().find(|s| s.address() <= vaddr && vaddr + 8 <= s.address() + s.size())?;
+    let (file_off, file_size) = seg.file_range();
+    let rel = vaddr - seg.address();
+    if rel + 8 > file_size {
+        return None;
+    }
+    let at = (file_off + rel) as usize;
+    Some(u64::from_le_bytes(data.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The "3.X.Y" version string in a pre-3.11 library (its `3.X` must match the soname).
+pub fn find_py_version(data: &[u8], major: u32, minor: u32) -> Option<String> {
+    let prefix = format!("\0{major}.{minor}.");
+    let p = prefix.as_bytes();
+    let mut i = 0;
+    while i + p.len() < data.len() {
+        let pos = data[i..].windows(p.len()).position(|w| w == p)?;
+        let start = i + pos + 1;
+        let end = start + data[start..].iter().take(12).position(|&b| b == 0)?;
+        let s = &data[start..end];
+        if s.iter().all(|b| b.is_ascii_digit() || *b == b'.') && s.iter().filter(|&&b| b == b'.').count() == 2 {
+            return Some(String::from_utf8_lossy(s).into_owned());
+        }
+        i = start;
+    }
+    None
+}
+
+/// Decodes a `str`'s raw data of the given kind (1 = latin-1, 2 = UCS-2, 4 = UCS-4).
+pub fn decode_str(raw: &[u8], kind: u32) -> String {
+    match kind {
+        1 => raw.iter().map(|&b| b as char).collect(),
+        2 => raw
+            .as_chunks::<2>()
+            .0
+            .iter()
+            .map(|c| char::from_u32(u16::from_le_bytes(*c) as u32).unwrap_or('\u{fffd}'))
+            .collect(),
+        4 => raw
+            .as_chunks::<4>()
+            .0
+            .iter()
+            .map(|c| char::from_u32(u32::from_le_bytes(*c)).unwrap_or('\u{fffd}'))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// Line of the instruction at byte offset `addr`, from a code object's line table.
+pub fn line_for(table: LineTable, data: &[u8], first_line: i32, addr: i32) -> Option<i32> {
+    if addr < 0 {
+        return None;
+    }
+    match table {
+        LineTable::Lnotab => {
+            // (addr delta, line delta) pairs; the line applies from its address on.
+            let mut line = first_line;
+            let mut pc = 0i32;
+            for pair in data.as_chunks::<2>().0 {
+                pc += pair[0] as i32;
+                if pc > addr {
+                    break;
+                }
+                line += pair[1] as i8 as i32;
+            }
+            Some(line)
+        }
+        LineTable::V310 => {
+            // (byte length, line delta) pairs; each covers [pc, pc + length).
+            let mut line = first_line;
+            let mut pc = 0i32;
+            for pair in data.as_chunks::<2>().0 {
+                let (len, delta) = (pair[0] as i32, pair[1] as i8);
+                if delta != -128 {
+                    line += delta as i32;
+                }
+                if pc <= addr && addr < pc + len {
+                    return (delta != -128).then_some(line);
+                }
+                pc += len;
+            }
+            None
+        }
+        LineTable::V311 => line_v311(data, first_line, addr),
+    }
+}
+
+fn line_v311(data: &[u8], first_line: i32, addr: i32) -> Option<i32> {
+    let mut line = first_line;
+    let mut pc = 0i32;
+    let mut i = 0usize;
+    while i < data.len() {
+        let head = data[i];
+        if head & 0x80 == 0 {
+            return None; // not at an entry start: corrupt table
+        }
+        let code = (head >> 3) & 0x0f;
+        let len = (head & 7) as i32 + 1;
+        i += 1;
+        let varint = |i: &mut usize| -> Option<u32> {
+            let mut v: u32 = 0;
+            let mut shift = 0;
+            loop {
+                let b = *data.get(*i)? as u32;
+                *i += 1;
+                v |= (b & 63) << shift;
+                if b & 64 == 0 {
+                    return Some(v);
+                }
+                shift += 6;
+                if shift > 30 {
+                    return None;
+                }
+            }
+        };
+        let svarint = |v: u32| if v & 1 != 0 { -((v >> 1) as i32) } else { (v >> 1) as i32 };
+        let delta = match code {
+            0..=9 => {
+                i += 1; // one byte of column data
+                0
+            }
+            10..=12 => {
+                i += 2; // start and end columns
+                code as i32 - 10
+            }
+            13 => svarint(varint(&mut i)?),
+            14 => {
+                let d = svarint(varint(&mut i)?);
+                varint(&mut i)?; // end line delta
+                varint(&mut i)?; // start column + 1
+                varint(&mut i)?; // end column + 1
+                d
+            }
+            _ => 0, // 15: no location
+        };
+        line += delta;
+        let end = pc + 2 * len;
+        if pc <= addr && addr < end {
+            return (code != 15).then_some(line);
+        }
+        pc = end;
+    }
+    None
+}
+
+/// One resolved frame.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    pub file: String,
+    pub line: Option<i32>,
+    pub function: String,
+}
+
+/// The exception behind a failed request, resolved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PyException {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub message: String,
+    /// Outermost first, as Python prints them.
+    pub frames: Vec<Frame>,
+    /// Frames between the outermost and the innermost kept ones that were not kept.
+    pub frames_omitted: u32,
+    /// It escaped the WSGI callable into uWSGI.
+    pub escaped: bool,
+    /// The whole text, as `traceback.format_exc()` prints it (with source lines when the
+    /// file is readable).
+    pub traceback: String,
+}
+
+impl PyException {
+    /// Whether this exception is what failed the request: it escaped into uWSGI, or a
+    /// framework's request-level handler caught it, or (other frameworks) it unwound many
+    /// frames.
+    pub fn failed_request(&self) -> bool {
+        let caught_by_framework = self.frames.first().is_some_and(|f| {
+            FRAMEWORK_HANDLERS.iter().any(|(file, func)| f.file.ends_with(file) && f.function == *func)
+        });
+        self.escaped || caught_by_framework || self.frames.len() + self.frames_omitted as usize >= GENERIC_MIN_FRAMES
+    }
+
+    /// The text `traceback.format_exc()` would give (without source-range carets).
+    pub fn traceback_text(&self, source_line: impl Fn(&str, i32) -> Option<String>) -> String {
+        let mut out = String::from("Traceback (most recent call last):\n");
+        for (i, f) in self.frames.iter().enumerate() {
+            if i == 1 && self.frames_omitted > 0 {
+                out.push_str(&format!("  [... {} frames not captured]\n", self.frames_omitted));
+            }
+            match f.line {
+                Some(l) => out.push_str(&format!("  File \"{}\", line {l}, in {}\n", f.file, f.function)),
+                None => out.push_str(&format!("  File \"{}\", in {}\n", f.file, f.function)),
+            }
+            if let Some(src) = f.line.and_then(|l| source_line(&f.file, l)) {
+                out.push_str(&format!("    {src}\n"));
+            }
+        }
+        out.push_str(&self.summary_line());
+        out.push('\n');
+        out
+    }
+
+    /// `RuntimeError: boom 42`, as the last line of a traceback.
+    pub fn summary_line(&self) -> String {
+        if self.message.is_empty() {
+            self.type_name.clone()
+        } else {
+            format!("{}: {}", self.type_name, self.message)
+        }
+    }
+}
+
+/// Why an exception record was not turned into a traceback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    #[error("exception type name is not a Python identifier")]
+    TypeName,
+    #[error("a frame's code object could not be read or is not a code object")]
+    Code,
+    #[error("the process is gone")]
+    Gone,
+    /// The request failed, but no exception reached its handler: the exceptions seen were
+    /// caught as control flow (e.g. a view that returns a 500 by itself).
+    #[error("no exception failed the request (only control-flow ones)")]
+    Handled,
+}
+
+/// Functions in which frameworks catch a view's exception and turn it into a 500.
+const FRAMEWORK_HANDLERS: [(&str, &str); 2] =
+    [("/flask/app.py", "wsgi_app"), ("/django/core/handlers/exception.py", "inner")];
+
+/// Frames an exception must unwind to count as the request's error in other frameworks:
+/// control-flow exceptions measured in Flask and Django unwound at most 2.
+pub const GENERIC_MIN_FRAMES: usize = 4;
+
+/// Whether this looks like a class name CPython would print (`tp_name`: bare or dotted).
+pub fn plausible_type_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() < 64
+        && s.split('.').all(|p| {
+            let mut c = p.chars();
+            c.next().is_some_and(|f| f.is_alphabetic() || f == '_') && c.all(|x| x.is_alphanumeric() || x == '_')
+        })
+}
+
+/// Message text as Python prints it in a traceback's last line.
+pub fn message_text(slot: &ExcSlot, type_name: &str) -> String {
+    let n = (slot.msg_len as usize).min(EXC_MSG_CAP);
+    let mut m = decode_str(&slot.msg[..n], slot.msg_kind);
+    if slot.msg_full as usize > n {
+        m.push_str("...");
+    }
+    // KeyError prints repr() of its key; other exceptions print str() of their one arg.
+    if type_name == "KeyError" && slot.msg_from != 0 && slot.msg_from < 10 {
+        m = format!("'{m}'");
+    }
+    m
+}
+
+/// Reads a target process's memory (read-only).
+pub struct Mem {
+    file: fs::File,
+}
+
+impl Mem {
+    pub fn open(pid: u32) -> Option<Self> {
+        fs::File::open(format!("/proc/{pid}/mem")).ok().map(|file| Self { file })
+    }
+
+    pub fn bytes(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, addr).ok()?;
+        Some(buf)
+    }
+
+    pub fn u64(&self, addr: u64) -> Option<u64> {
+        Some(u64::from_le_bytes(self.bytes(addr, 8)?.try_into().ok()?))
+    }
+
+    pub fn i32(&self, addr: u64) -> Option<i32> {
+        Some(i32::from_le_bytes(self.bytes(addr, 4)?.try_into().ok()?))
+    }
+
+    /// A `str` object's text (capped at `cap` code points).
+    pub fn str_obj(&self, obj: u64, code: &CodeLayout, cap: usize) -> Option<String> {
+        let hdr = self.bytes(obj, 40)?;
+        let length = i64::from_le_bytes(hdr[16..24].try_into().ok()?);
+        let state = u32::from_le_bytes(hdr[32..36].try_into().ok()?);
+        let kind = (state >> 2) & 7;
+        if !(0..=1 << 20).contains(&length) || !matches!(kind, 1 | 2 | 4) {
+            return None;
+        }
+        let (compact, ascii) = (state & (1 << 5) != 0, state & (1 << 6) != 0);
+        let data = match (compact, ascii) {
+            (true, true) => obj + code.str_ascii_data,
+            (true, false) => obj + code.str_compact_data,
+            _ => self.u64(obj + code.str_compact_data)?,
+        };
+        let n = (length as usize).min(cap);
+        Some(decode_str(&self.bytes(data, n * kind as usize)?, kind))
+    }
+
+    /// A `bytes` object's content (capped).
+    pub fn bytes_obj(&self, obj: u64, cap: usize) -> Option<Vec<u8>> {
+        let len = self.u64(obj + 16)? as i64;
+        if !(0..=1 << 24).contains(&len) {
+            return None;
+        }
+        self.bytes(obj + 32, (len as usize).min(cap))
+    }
+}
+
+/// Resolves one frame: the code object must be of `PyCode_Type`.
+pub fn resolve_frame(mem: &Mem, t: &PyTarget, code: u64, lasti: i32) -> Option<Frame> {
+    let cl = &t.layouts.code;
+    if mem.u64(code + 8)? != t.code_type {
+        return None;
+    }
+    let file = mem.str_obj(mem.u64(code + cl.filename)?, cl, 1024)?;
+    let func = mem.str_obj(mem.u64(code + cl.name)?, cl, 256)?;
+    let first = mem.i32(code + cl.firstlineno)?;
+    let table = mem.bytes_obj(mem.u64(code + cl.linetable)?, 1 << 16)?;
+    Some(Frame { file, line: line_for(cl.table, &table, first, lasti), function: func })
+}
+
+/// Turns a kernel exception record into a resolved exception.
+pub fn resolve(slot: &ExcSlot, t: &PyTarget, pid: u32) -> Result<PyException, Unresolved> {
+    let type_name = cstr(&slot.type_name);
+    if !plausible_type_name(&type_name) {
+        return Err(Unresolved::TypeName);
+    }
+    let mem = Mem::open(pid).ok_or(Unresolved::Gone)?;
+    let kept = (slot.nframes as usize).min(PY_FRAMES);
+    let mut frames = Vec::with_capacity(kept);
+    // The kernel keeps the innermost frames first, and the outermost in the last slot once
+    // there are more; Python prints the outermost first.
+    for f in slot.frames[..kept].iter().rev() {
+        frames.push(resolve_frame(&mem, t, f.code, f.lasti).ok_or(Unresolved::Code)?);
+    }
+    let mut e = PyException {
+        message: message_text(slot, &type_name),
+        type_name,
+        frames,
+        frames_omitted: slot.nframes.saturating_sub(PY_FRAMES as u32),
+        escaped: slot.escaped != 0,
+        traceback: String::new(),
+    };
+    if !e.failed_request() {
+        return Err(Unresolved::Handled);
+    }
+    e.traceback = e.traceback_text(|f, l| source_line(pid, f, l));
+    Ok(e)
+}
+
+fn cstr(b: &[u8]) -> String {
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// Line `line` of a source file as the target sees it, stripped (like the traceback module).
+pub fn source_line(pid: u32, file: &str, line: i32) -> Option<String> {
+    if line < 1 || file.starts_with('<') {
+        return None;
+    }
+    // A relative name (`uwsgi --wsgi-file app.py`) is relative to the process's directory.
+    let path =
+        if file.starts_with('/') { format!("/proc/{pid}/root{file}") } else { format!("/proc/{pid}/cwd/{file}") };
+    let text = fs::read_to_string(path).ok()?;
+    let l = text.lines().nth(line as usize - 1)?.trim();
+    (!l.is_empty()).then(|| l.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(soname_version("libpython3.11.so.1.0"), Some((3, 11)));
+        assert_eq!(soname_version("libpython3.8.so"), Some((3, 8)));
+        assert_eq!(soname_version("libpython3.so"), None);
+        assert_eq!(soname_version("libc.so.6"), None);
+        assert_eq!(version_from_hex(0x030b07f0), "3.11.7");
+        assert_eq!(version_from_hex(0x030b02f0), "3.11.2");
+        let mut blob = b"junk\x003.2.0\x00more\x003.11.7\x00".to_vec();
+        assert_eq!(find_py_version(&blob, 3, 11).as_deref(), Some("3.11.7"));
+        blob.truncate(10);
+        assert_eq!(find_py_version(&blob, 3, 11), None);
+        assert!(layouts_for(3, 11).is_some());
+        assert!(layouts_for(3, 12).is_none());
+        assert!(layouts_for(2, 7).is_none());
+    }
+
+    #[test]
+    fn strings() {
+        assert_eq!(decode_str(b"boom 42", 1), "boom 42");
+        assert_eq!(decode_str(&[0xe9], 1), "é");
+        assert_eq!(decode_str(&[0x3b, 0x04, 0x41, 0x00], 2), "лA");
+        assert_eq!(decode_str(&[0x00, 0xf6, 0x01, 0x00], 4), "😀");
+        assert_eq!(decode_str(&[0xff, 0xff, 0x11, 0x00], 4), "\u{fffd}");
+        assert_eq!(decode_str(&[1, 2, 3], 2), "\u{201}");
+        assert_eq!(decode_str(b"x", 3), "");
+    }
+
+    #[test]
+    fn type_names() {
+        assert!(plausible_type_name("RuntimeError"));
+        assert!(plausible_type_name("werkzeug.exceptions.NotFound"));
+        assert!(!plausible_type_name(""));
+        assert!(!plausible_type_name("a b"));
+        assert!(!plausible_type_name("\u{1}x"));
+        assert!(!plausible_type_name("9abc"));
+        assert!(!plausible_type_name("a..b"));
+    }
+
+    /// 3.11 table of `def f():\n    x = 1\n    raise E` (first line 1), as compiled by 3.11:
+    /// RESUME (line 1), x = 1 (line 2), raise (line 3); built by hand from locations.md.
+    #[test]
+    fn v311_table() {
+        // entry: 1 | code<<3 | (len-1)
+        let t = [
+            0x80 | (10 << 3),
+            0,
+            0, // one-line form, delta 0, 1 unit: pc 0..2 line 1
+            0x80 | (11 << 3) | 1,
+            4,
+            9, // delta +1, 2 units: pc 2..6 line 2
+            0x80 | (13 << 3),
+            2, // no-column form, svarint(2) = +1, 1 unit: pc 6..8 line 3
+            0x80 | (14 << 3) | 1,
+            3,
+            0,
+            5,
+            9,                // long form, svarint(3) = -1: pc 8..12 line 2
+            0x80 | (15 << 3), // no location: pc 12..14
+        ];
+        assert_eq!(line_for(LineTable::V311, &t, 1, 0), Some(1));
+        assert_eq!(line_for(LineTable::V311, &t, 1, 4), Some(2));
+        assert_eq!(line_for(LineTable::V311, &t, 1, 6), Some(3));
+        assert_eq!(line_for(LineTable::V311, &t, 1, 10), Some(2));
+        assert_eq!(line_for(LineTable::V311, &t, 1, 12), None);
+        assert_eq!(line_for(LineTable::V311, &t, 1, 100), None);
+        assert_eq!(line_for(LineTable::V311, &t, 1, -1), None);
+        // Short form (codes 0-9) carries one column byte and no line change.
+        assert_eq!(line_for(LineTable::V311, &[0x80 | (3 << 3), 7], 5, 0), Some(5));
+        // Multi-chunk varint: 0b1_000001 then 0b000001 = 1 + 64 = 65 -> svarint -32.
+        assert_eq!(line_for(LineTable::V311, &[0x80 | (13 << 3), 0x41, 0x01], 100, 0), Some(68));
+    }
+
+    #[test]
+    fn old_tables() {
+        // lnotab: from addr 0 line 10; +6 bytes -> +1; +4 -> +2; (8 bytes, -1).
+        let t = [6, 1, 4, 2, 8, 0xff];
+        assert_eq!(line_for(LineTable::Lnotab, &t, 10, 0), Some(10));
+        assert_eq!(line_for(LineTable::Lnotab, &t, 10, 6), Some(11));
+        assert_eq!(line_for(LineTable::Lnotab, &t, 10, 9), Some(11));
+        assert_eq!(line_for(LineTable::Lnotab, &t, 10, 10), Some(13));
+        assert_eq!(line_for(LineTable::Lnotab, &t, 10, 18), Some(12));
+        // 3.10: (length, delta) covering ranges; -128 = no line.
+        let t = [2, 0, 4, 1, 2, 0x80, 6, 2];
+        assert_eq!(line_for(LineTable::V310, &t, 7, 0), Some(7));
+        assert_eq!(line_for(LineTable::V310, &t, 7, 3), Some(8));
+        assert_eq!(line_for(LineTable::V310, &t, 7, 6), None);
+        assert_eq!(line_for(LineTable::V310, &t, 7, 9), Some(10));
+        assert_eq!(line_for(LineTable::V310, &t, 7, 14), None);
+    }
+
+    /// Junk tables never panic and never loop.
+    #[test]
+    fn junk_tables() {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for n in 0..2000i32 {
+            let len = (n % 97) as usize;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            for t in [LineTable::Lnotab, LineTable::V310, LineTable::V311] {
+                let _ = line_for(t, &data, 1, n % 300);
+            }
+        }
+    }
+
+    #[test]
+    fn traceback_text() {
+        let e = PyException {
+            type_name: "RuntimeError".into(),
+            message: "boom 42".into(),
+            frames: vec![
+                Frame { file: "/app/a.py".into(), line: Some(9), function: "error".into() },
+                Frame { file: "/app/a.py".into(), line: None, function: "inner".into() },
+            ],
+            frames_omitted: 2,
+            escaped: false,
+            traceback: String::new(),
+        };
+        let txt = e.traceback_text(|f, l| (f == "/app/a.py" && l == 9).then(|| "return inner()".into()));
+        assert_eq!(
+            txt,
+            "Traceback (most recent call last):\n  File \"/app/a.py\", line 9, in error\n    return inner()\n  [... 2 frames not captured]\n  File \"/app/a.py\", in inner\nRuntimeError: boom 42\n"
+        );
+        assert!(e.failed_request(), "4 frames unwound");
+        let bare = PyException { message: String::new(), frames: vec![], frames_omitted: 0, ..e.clone() };
+        assert_eq!(bare.summary_line(), "RuntimeError");
+        assert!(!bare.failed_request());
+        assert!(PyException { escaped: true, ..bare.clone() }.failed_request());
+        let caught = |file: &str, func: &str| PyException {
+            frames: vec![
+                Frame { file: file.into(), line: Some(1), function: func.into() },
+                Frame { file: "/app/v.py".into(), line: Some(2), function: "view".into() },
+            ],
+            ..bare.clone()
+        };
+        assert!(caught("/venv/lib/python3.11/site-packages/flask/app.py", "wsgi_app").failed_request());
+        assert!(caught("/usr/lib/python3/dist-packages/django/core/handlers/exception.py", "inner").failed_request());
+        assert!(!caught("/venv/lib/python3.11/site-packages/werkzeug/datastructures/headers.py", "__contains__")
+            .failed_request());
+    }
+}
