@@ -31,6 +31,10 @@ pub enum EventKind {
     Request = 1,
     Proc = 2,
     Exception = 3,
+    /// [`CallEvent`]: connect() or send on a socket of a tracked thread.
+    Call = 4,
+    /// [`RecvEvent`]: bytes received on a socket of a tracked thread.
+    Recv = 5,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -40,6 +44,8 @@ impl TryFrom<u32> for EventKind {
             1 => Ok(Self::Request),
             2 => Ok(Self::Proc),
             3 => Ok(Self::Exception),
+            4 => Ok(Self::Call),
+            5 => Ok(Self::Recv),
             other => Err(other),
         }
     }
@@ -183,8 +189,12 @@ pub enum Stat {
     ExceptionRingFull = 10,
     /// A user-memory read failed while following an exception (that hit is skipped).
     PyReadErrors = 11,
+    /// Outbound-call records (connect, send, receive) handed to userspace.
+    CallsSent = 12,
+    /// Outbound-call records lost because the ring buffer was full.
+    CallRingFull = 13,
 }
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 14;
 
 /// Capture limits, in bytes (powers of two, see observer-ebpf's copy_user).
 /// Header vars scanned per request (key+value pairs). uWSGI's default `--max-vars` is 64.
@@ -385,6 +395,73 @@ pub struct ExceptionEvent {
     pub exc: ExcSlot,
 }
 
+/// Bytes of each send kept: an HTTP request line and headers, a Redis command and key, an
+/// SQL statement (cut here).
+pub const CALL_SEND_CAP: usize = 512;
+/// Bytes of a reply kept: enough for an HTTP status line or a protocol's error marker.
+pub const CALL_RECV_CAP: usize = 16;
+/// tid -> (fd, buffer) of an in-flight recvfrom, read at its exit.
+pub const MAP_RECV_ARGS: &str = "RECV_ARGS";
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallAction {
+    /// `connect(fd, addr)`: `data` holds the socket address (up to 28 bytes).
+    Connect = 1,
+    /// `sendto(fd, buf, len)` (what send() and Python's sendall() use).
+    Send = 2,
+}
+
+/// A connect or a send by a tracked thread (syscall entry).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallEvent {
+    pub kind: u32,
+    pub action: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    /// Bytes of `data` filled.
+    pub data_len: u32,
+    /// Bytes the call sent (or the sockaddr length).
+    pub len: u64,
+    pub ktime_ns: u64,
+    pub data: [u8; CALL_SEND_CAP],
+}
+
+/// Bytes received by a tracked thread (recvfrom exit, when it returned data).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RecvEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    pub len: u64,
+    pub ktime_ns: u64,
+    pub data: [u8; CALL_RECV_CAP],
+}
+
+impl TryFrom<u32> for CallAction {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        match v {
+            1 => Ok(Self::Connect),
+            2 => Ok(Self::Send),
+            other => Err(other),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct RecvArgs {
+    pub fd: i64,
+    pub buf: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 552);
+const _: () = assert!(core::mem::size_of::<RecvEvent>() == 48);
 const _: () = assert!(core::mem::size_of::<PyLayout>() == 64);
 const _: () = assert!(core::mem::size_of::<ExcSlot>() == 496);
 const _: () = assert!(core::mem::size_of::<ExcTrack>() == 1000);

@@ -59,6 +59,9 @@ static EXC: LruHashMap<u32, ExcTrack> = LruHashMap::with_max_entries(MAX_EXC_THR
 #[map(name = "EXC_ZERO")]
 static EXC_ZERO: PerCpuArray<ExcTrack> = PerCpuArray::with_max_entries(1, 0);
 
+#[map(name = "RECV_ARGS")]
+static RECV_ARGS: LruHashMap<u32, RecvArgs> = LruHashMap::with_max_entries(MAX_EXC_THREADS, 0);
+
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// Pending bytes in EVENTS that justify waking the reader (about 20 request records).
 const WAKEUP_BYTES: u64 = 64 * 1024;
@@ -700,6 +703,129 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     if let Some(t) = unsafe { TRACKED.get(&tgid) } {
         emit_proc(ProcAction::Exec, tgid, tgid, t.instance);
     }
+    0
+}
+
+// Outbound calls. These tracepoints fire for every process; anything untracked returns
+// after one hash lookup. Record offsets: syscall arguments are 8-byte slots from 16
+// (checked against tracefs by userspace before attaching).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const RET: usize = 16;
+
+#[inline(always)]
+fn tracked_thread() -> Option<(u32, u32)> {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookup; only presence matters.
+    unsafe { TRACKED.get(&tgid) }.map(|_| (tgid, tid))
+}
+
+#[inline(always)]
+fn submit_wake<T>(e: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
+    let flags =
+        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    e.submit(flags as u64);
+    bump(Stat::CallsSent);
+}
+
+/// syscalls/sys_enter_connect: where a socket of the app connects to.
+#[tracepoint]
+pub fn sys_connect(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = tracked_thread() else { return 0 };
+    // SAFETY: offsets of this tracepoint's record (see above).
+    let (fd, addr, alen) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG0).unwrap_or(0),
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
+    };
+    emit_call(CallAction::Connect, tgid, tid, fd as i32, addr, if alen > 28 { 28 } else { alen }, alen);
+    0
+}
+
+/// syscalls/sys_enter_sendto: the first bytes of what the app sends.
+#[tracepoint]
+pub fn sys_sendto(ctx: TracePointContext) -> u32 {
+    let Some((tgid, tid)) = tracked_thread() else { return 0 };
+    // SAFETY: as above.
+    let (fd, buf, len) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG0).unwrap_or(0),
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
+    };
+    emit_call(CallAction::Send, tgid, tid, fd as i32, buf, len, len);
+    0
+}
+
+#[inline(always)]
+fn emit_call(action: CallAction, tgid: u32, tid: u32, fd: i32, src: u64, take: u64, len: u64) {
+    let Some(mut e) = EVENTS.reserve::<CallEvent>(0) else {
+        bump(Stat::CallRingFull);
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    let take = if take > CALL_SEND_CAP as u64 { CALL_SEND_CAP as u16 } else { take as u16 };
+    // SAFETY: live reservation; we fill every field.
+    unsafe {
+        (*ev).kind = EventKind::Call as u32;
+        (*ev).action = action as u32;
+        (*ev).tgid = tgid;
+        (*ev).tid = tid;
+        (*ev).fd = fd;
+        (*ev).len = len;
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).data_len = if copy_user(addr_of_mut!((*ev).data), src, take) { take as u32 } else { 0 };
+    }
+    submit_wake(e);
+}
+
+/// syscalls/sys_enter_recvfrom: remember the buffer; the bytes are there at exit.
+#[tracepoint]
+pub fn sys_recvfrom(ctx: TracePointContext) -> u32 {
+    let Some((_, tid)) = tracked_thread() else { return 0 };
+    // SAFETY: as above.
+    let args = unsafe {
+        RecvArgs { fd: ctx.read_at::<u64>(ARG0).unwrap_or(0) as i64, buf: ctx.read_at::<u64>(ARG1).unwrap_or(0) }
+    };
+    let _ = RECV_ARGS.insert(&tid, &args, BPF_ANY as u64);
+    0
+}
+
+/// syscalls/sys_exit_recvfrom: the first bytes received, when there are any.
+#[tracepoint]
+pub fn sys_recvfrom_exit(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = tgid_tid();
+    // SAFETY: map lookup; copied out at once.
+    let Some(args) = (unsafe { RECV_ARGS.get(&tid) }).copied() else { return 0 };
+    let _ = RECV_ARGS.remove(&tid);
+    // SAFETY: offset of this tracepoint's record.
+    let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    if ret <= 0 {
+        return 0;
+    }
+    let Some(mut e) = EVENTS.reserve::<RecvEvent>(0) else {
+        bump(Stat::CallRingFull);
+        return 0;
+    };
+    let ev = e.as_mut_ptr();
+    let take = if ret > CALL_RECV_CAP as i64 { CALL_RECV_CAP as u16 } else { ret as u16 };
+    // SAFETY: live reservation; we fill every field.
+    unsafe {
+        (*ev).kind = EventKind::Recv as u32;
+        (*ev).tgid = tgid;
+        (*ev).tid = tid;
+        (*ev).fd = args.fd as i32;
+        (*ev).len = ret as u64;
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        if !copy_user(addr_of_mut!((*ev).data), args.buf, take) {
+            (*ev).data = [0; CALL_RECV_CAP];
+        }
+    }
+    submit_wake(e);
     0
 }
 

@@ -19,6 +19,8 @@ pub enum DecodeError {
     RequestSize { got: usize, want: usize },
     #[error("process record has {got} bytes, expected {want}")]
     ProcSize { got: usize, want: usize },
+    #[error("call record has {got} bytes, expected {want}")]
+    CallSize { got: usize, want: usize },
     #[error("exception record has {got} bytes, expected {want}")]
     ExceptionSize { got: usize, want: usize },
     #[error("unknown process action {0}")]
@@ -67,6 +69,8 @@ pub enum Record {
     Request(Box<RequestEvent>),
     Proc(ProcEvent),
     Exception(Box<ExceptionEvent>),
+    Call(Box<CallEvent>),
+    Recv(RecvEvent),
 }
 
 /// Splits a ring-buffer record by its kind, checking its size exactly.
@@ -101,6 +105,22 @@ pub fn parse_record(buf: &[u8]) -> Result<Record, DecodeError> {
             // SAFETY: as above (integers and byte arrays only).
             Ok(Record::Exception(Box::new(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) })))
         }
+        EventKind::Call => {
+            let want = size_of::<CallEvent>();
+            if buf.len() != want {
+                return Err(DecodeError::CallSize { got: buf.len(), want });
+            }
+            // SAFETY: as above.
+            Ok(Record::Call(Box::new(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) })))
+        }
+        EventKind::Recv => {
+            let want = size_of::<RecvEvent>();
+            if buf.len() != want {
+                return Err(DecodeError::CallSize { got: buf.len(), want });
+            }
+            // SAFETY: as above.
+            Ok(Record::Recv(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }))
+        }
     }
 }
 
@@ -134,6 +154,9 @@ pub struct Request {
     /// interpreter; absent when none was seen or it could not be resolved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exception: Option<crate::python::PyException>,
+    /// Outbound calls the request made (Exit spans), in start order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<crate::calls::ExitCall>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -315,6 +338,7 @@ impl Decoder {
             sw8_x: sw8_x.filter(|_| self.keep("sw8-x")),
             truncated,
             exception: None,
+            calls: Vec::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! the kernel emits one record per request into a ring buffer; [`decode`] validates and
 //! decodes records; [`export`] prints them.
 
+pub mod calls;
 pub mod decode;
 pub mod export;
 pub mod probes;
@@ -50,6 +51,10 @@ pub struct Options {
     pub error_status: u16,
     /// Also write the detach summary, as JSON, to this file.
     pub summary_file: Option<PathBuf>,
+    /// Follow outbound calls (HTTP, Redis, PostgreSQL, MySQL) into Exit spans.
+    pub exit_spans: bool,
+    /// Keep literal values in reported SQL statements.
+    pub sql_literals: bool,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -101,6 +106,11 @@ pub struct Summary {
     pub lost_exceptions_ring_full: u64,
     /// Unwinding frames the kernel could not read (those hits are skipped).
     pub py_read_errors: u64,
+    /// Outbound calls: made into Exit spans, outside requests, not attributed (async).
+    #[serde(flatten)]
+    pub calls: calls::CallStats,
+    /// Outbound-call records lost in the kernel: ring buffer full.
+    pub lost_calls_ring_full: u64,
 }
 
 /// Per-instance state for the live layout check.
@@ -147,6 +157,9 @@ struct Session {
     async_workers: HashMap<u32, bool>,
     /// tid -> the uWSGI core it served last (a second core on one thread means async).
     tid_core: HashMap<u32, i32>,
+    calls: calls::Calls,
+    /// Wall clock minus monotonic clock, in ns (kernel timestamps are monotonic).
+    wall_offset_ns: i64,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -185,7 +198,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
     }
     probes::check_btf()?;
     let tracefs = probes::ensure_tracefs()?;
-    let (probes, ring) = Probes::load(opts.ring_bytes, &tracefs)?;
+    let (probes, ring) = Probes::load(opts.ring_bytes, &tracefs, opts.exit_spans)?;
 
     let mut s = Session {
         probes,
@@ -206,6 +219,8 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         pending_exc: HashMap::new(),
         async_workers: HashMap::new(),
         tid_core: HashMap::new(),
+        calls: calls::Calls::new(opts.sql_literals),
+        wall_offset_ns: 0,
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
@@ -330,12 +345,27 @@ impl Session {
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.wall_offset_ns = wall_minus_monotonic_ns();
         while let Some(item) = ring.next() {
             match decode::parse_record(&item) {
                 Ok(Record::Request(ev)) => self.on_request(&ev),
                 Ok(Record::Proc(ev)) => self.on_proc(&ev),
                 Ok(Record::Exception(ev)) => {
                     self.pending_exc.insert(ev.tid, ev);
+                }
+                Ok(Record::Call(ev)) => {
+                    let data = &ev.data[..(ev.data_len as usize).min(ev.data.len())];
+                    match observer_common::CallAction::try_from(ev.action) {
+                        Ok(observer_common::CallAction::Connect) => self.calls.connect(ev.tgid, ev.fd, data),
+                        Ok(observer_common::CallAction::Send) => {
+                            self.calls.send(ev.tgid, ev.tid, ev.fd, data, ev.len, ev.ktime_ns)
+                        }
+                        Err(_) => self.summary.decode_errors += 1,
+                    }
+                }
+                Ok(Record::Recv(ev)) => {
+                    let n = (ev.len as usize).min(ev.data.len());
+                    self.calls.recv(ev.tgid, ev.fd, &ev.data[..n], ev.ktime_ns);
                 }
                 Err(e) => {
                     self.summary.decode_errors += 1;
@@ -383,6 +413,8 @@ impl Session {
                 r.exception = self.exception_for(ev, &exc);
             }
         }
+        let attribute = !self.is_async(ev);
+        r.calls = self.calls.take_for_request(ev.tgid, ev.tid, ev.start_us, self.wall_offset_ns, attribute);
         let st = self.instances.entry(ev.instance).or_default();
         self.summary.requests += 1;
         if self.workers.insert(r.worker_pid) {
@@ -407,6 +439,17 @@ impl Session {
         self.output_result(res);
     }
 
+    /// Whether the request's worker runs several requests per thread (gevent, async): from
+    /// its options or loaded modules, or seen serving two uWSGI cores on one thread.
+    fn is_async(&mut self, ev: &observer_common::RequestEvent) -> bool {
+        let prev_core = self.tid_core.insert(ev.tid, ev.async_id);
+        let is_async = self.async_workers.entry(ev.tgid).or_insert_with(|| targets::is_async_worker(ev.tgid));
+        if prev_core.is_some_and(|c| c != ev.async_id) {
+            *is_async = true;
+        }
+        *is_async
+    }
+
     /// Resolves the exception record of a failed request, unless its worker runs several
     /// requests per thread (gevent, async): exceptions of concurrent requests share the
     /// thread there, so none is attributed (and each is counted).
@@ -416,12 +459,7 @@ impl Session {
         exc: &observer_common::ExceptionEvent,
     ) -> Option<python::PyException> {
         let unresolved = |s: &mut Summary, why: &str| *s.exceptions_unresolved.entry(why.to_string()).or_default() += 1;
-        let prev_core = self.tid_core.insert(ev.tid, ev.async_id);
-        let is_async = self.async_workers.entry(ev.tgid).or_insert_with(|| targets::is_async_worker(ev.tgid));
-        if prev_core.is_some_and(|c| c != ev.async_id) {
-            *is_async = true;
-        }
-        if *is_async {
+        if self.is_async(ev) {
             unresolved(&mut self.summary, "async worker (not attributed)");
             return None;
         }
@@ -492,6 +530,7 @@ impl Session {
             Ok(ProcAction::Exit) => {
                 self.summary.exits += 1;
                 self.async_workers.remove(&ev.pid);
+                self.calls.forget_pid(ev.pid);
                 self.decoder.forget_pid(ev.pid);
                 self.forget_instance(ev.pid);
                 self.workers.remove(&ev.pid);
@@ -603,7 +642,13 @@ impl Session {
         sm.lost_exceptions_ring_full = self.probes.stat(Stat::ExceptionRingFull);
         sm.py_frames_unwound = self.probes.stat(Stat::PyFrames);
         sm.py_read_errors = self.probes.stat(Stat::PyReadErrors);
-        sm.lost_ring_full + sm.lost_proc_ring_full + sm.lost_tracked_full + sm.lost_exceptions_ring_full
+        sm.lost_calls_ring_full = self.probes.stat(Stat::CallRingFull);
+        sm.calls = self.calls.stats;
+        sm.lost_ring_full
+            + sm.lost_proc_ring_full
+            + sm.lost_tracked_full
+            + sm.lost_exceptions_ring_full
+            + sm.lost_calls_ring_full
     }
 
     /// Drops are never silent: each new loss is reported as it happens.
@@ -642,6 +687,15 @@ impl Session {
                 "observer: Python: frames_unwound={} tracebacks={} not_attached={} {:?} | lost: ring_full={} read_errors={}",
                 s.py_frames_unwound, s.exceptions_reported, unresolved, s.exceptions_unresolved,
                 s.lost_exceptions_ring_full, s.py_read_errors
+            );
+        }
+        if s.calls.exit_calls > 0 || s.lost_calls_ring_full > 0 {
+            eprintln!(
+                "observer: calls: exit_spans={} outside_requests={} async_unattributed={} | lost: ring_full={}",
+                s.calls.exit_calls,
+                s.calls.calls_outside_requests,
+                s.calls.calls_async_unattributed,
+                s.lost_calls_ring_full
             );
         }
         for f in self.probes.attached_files() {
@@ -693,6 +747,16 @@ fn span_config(root: u32, opts: &Options) -> (spans::SpanConfig, &'static str) {
         error_status: opts.error_status,
     };
     (cfg, source)
+}
+
+fn wall_minus_monotonic_ns() -> i64 {
+    let get = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: plain libc call writing our local.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    };
+    get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC)
 }
 
 fn hostname() -> String {

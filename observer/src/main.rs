@@ -79,6 +79,13 @@ enum Cmd {
         /// Also write the detach summary (JSON) to this file.
         #[arg(long, value_name = "FILE")]
         summary_file: Option<PathBuf>,
+        /// Do not follow outbound calls (HTTP, Redis, PostgreSQL, MySQL) into Exit spans
+        /// (their syscall tracepoints then stay detached).
+        #[arg(long)]
+        no_exit_spans: bool,
+        /// Keep literal values in db.statement (by default they are replaced with `?`).
+        #[arg(long)]
+        sql_literals: bool,
         /// Testing aid: shift every struct offset by this many bytes, to prove that a wrong
         /// layout is detected on live data and the target refused.
         #[arg(long, hide = true, default_value_t = 0)]
@@ -117,6 +124,8 @@ fn main() -> ExitCode {
         heartbeat_secs,
         flush_secs,
         summary_file,
+        no_exit_spans,
+        sql_literals,
     } = cli.cmd;
     let oap = oap.map(|address| OapConfig {
         address,
@@ -155,6 +164,8 @@ fn main() -> ExitCode {
         component,
         error_status,
         summary_file,
+        exit_spans: !no_exit_spans,
+        sql_literals,
     })) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -109,6 +109,36 @@ fn tp_config(tracefs: &Path) -> Result<TpConfig> {
 /// The exception probes, per process: (program, libpython function).
 const PY_PROBES: [(&str, &str); 2] = [("py_traceback", TRACEBACK_SYMBOL), ("py_display", DISPLAY_SYMBOL)];
 
+/// Outbound-call tracepoints: (program, syscalls/<event>).
+const SYSCALL_TPS: [(&str, &str); 4] = [
+    ("sys_connect", "sys_enter_connect"),
+    ("sys_sendto", "sys_enter_sendto"),
+    ("sys_recvfrom", "sys_enter_recvfrom"),
+    ("sys_recvfrom_exit", "sys_exit_recvfrom"),
+];
+
+/// The eBPF side reads syscall arguments as 8-byte slots from offset 16 and `ret` at 16:
+/// check this kernel agrees.
+fn check_syscall_formats(tracefs: &Path) -> Result<()> {
+    let want: [(&str, &[(&str, u32)]); 4] = [
+        ("sys_enter_connect", &[("fd", 16), ("uservaddr", 24), ("addrlen", 32)]),
+        ("sys_enter_sendto", &[("fd", 16), ("buff", 24), ("len", 32)]),
+        ("sys_enter_recvfrom", &[("fd", 16), ("ubuf", 24)]),
+        ("sys_exit_recvfrom", &[("ret", 16)]),
+    ];
+    for (ev, fields) in want {
+        let p = tracefs.join("events/syscalls").join(ev).join("format");
+        let fmt = fs::read_to_string(&p)
+            .with_context(|| format!("reading {} (needed for exit spans; --no-exit-spans to skip)", p.display()))?;
+        for (f, off) in fields {
+            if format_offset(&fmt, f) != Some(*off) {
+                bail!("tracepoint syscalls/{ev}: field {f} is not at offset {off} on this kernel; run with --no-exit-spans");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub struct Probes {
     ebpf: Ebpf,
     tracked: HashMap<MapData, u32, Tracked>,
@@ -126,7 +156,7 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the programs and attaches the process-tree tracepoints.
-    pub fn load(ring_bytes: u32, tracefs: &Path) -> Result<(Self, RingBuf<MapData>)> {
+    pub fn load(ring_bytes: u32, tracefs: &Path, exit_spans: bool) -> Result<(Self, RingBuf<MapData>)> {
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
         let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
         // SAFETY: plain syscall with a valid pointer.
@@ -150,6 +180,14 @@ impl Probes {
             let p: &mut TracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
             p.load().with_context(|| format!("loading {prog}"))?;
             p.attach(cat, name).with_context(|| format!("attaching tracepoint {cat}/{name}"))?;
+        }
+        if exit_spans {
+            check_syscall_formats(tracefs)?;
+            for (prog, name) in SYSCALL_TPS {
+                let p: &mut TracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
+                p.load().with_context(|| format!("loading {prog}"))?;
+                p.attach("syscalls", name).with_context(|| format!("attaching tracepoint syscalls/{name}"))?;
+            }
         }
         let up: &mut UProbe = ebpf.program_mut("after_request").context("after_request")?.try_into()?;
         up.load().context("loading the after_request uprobe")?;

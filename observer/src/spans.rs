@@ -185,10 +185,35 @@ pub fn segment(r: &Request, cfg: &SpanConfig) -> (SegmentObject, SegmentNotes) {
             .collect(),
         skip_analysis: r.sw8_x.as_deref().is_some_and(sw8x_skip_analysis),
     };
+    let mut spans = vec![span];
+    // Exit spans: children of the entry span, in the same segment.
+    for (i, c) in r.calls.iter().enumerate() {
+        spans.push(SpanObject {
+            span_id: i as i32 + 1,
+            parent_span_id: 0,
+            start_time: (c.start_us / 1000) as i64,
+            end_time: (c.end_us / 1000) as i64,
+            refs: vec![],
+            operation_name: cut(&c.operation, ENDPOINT_MAX),
+            peer: c.peer.clone(),
+            span_type: SpanType::Exit as i32,
+            span_layer: match c.layer {
+                "Http" => SpanLayer::Http,
+                "Cache" => SpanLayer::Cache,
+                "Database" => SpanLayer::Database,
+                _ => SpanLayer::Unknown,
+            } as i32,
+            component_id: c.component,
+            is_error: c.is_error,
+            tags: c.tags.iter().map(|(k, v)| tag(k, v.clone())).collect(),
+            logs: vec![],
+            skip_analysis: spans[0].skip_analysis,
+        });
+    }
     let seg = SegmentObject {
         trace_id,
         trace_segment_id: new_id(),
-        spans: vec![span],
+        spans,
         service: cfg.service.clone(),
         service_instance: instance_name(&cfg.instance_base, r.instance, r.worker_pid),
         is_size_limited: false,
@@ -238,6 +263,7 @@ mod tests {
             sw8_x: None,
             truncated: vec![],
             exception: None,
+            calls: vec![],
         }
     }
 

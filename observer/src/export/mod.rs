@@ -34,6 +34,17 @@ impl<W: Write> Printer<W> {
             }
             Format::Console => {
                 writeln!(self.out, "{}", console_line(r))?;
+                for c in &r.calls {
+                    writeln!(
+                        self.out,
+                        "    -> {} {} peer={} {:.3}ms{}",
+                        c.kind,
+                        c.operation,
+                        c.peer,
+                        c.end_us.saturating_sub(c.start_us) as f64 / 1000.0,
+                        if c.is_error { " error" } else { "" }
+                    )?;
+                }
                 match &r.exception {
                     Some(e) => {
                         for l in e.traceback.lines() {
@@ -156,6 +167,7 @@ mod tests {
             sw8_x: None,
             truncated: vec![],
             exception: None,
+            calls: vec![],
         };
         assert_eq!(
             console_line(&r),
