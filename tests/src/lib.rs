@@ -95,6 +95,20 @@ impl Uwsgi {
         Self::start_full(Build::Pip, tag, args, ready, "flask_app.py", "application", &[], env)
     }
 
+    /// Starts `file` (in tests/apps) with extra environment variables, optionally under the
+    /// official agent (`agent_env` non-empty).
+    pub fn start_app_env(
+        build: Build,
+        tag: &str,
+        args: &[&str],
+        ready: Ready,
+        file: &str,
+        env: &[(&str, &str)],
+        agent_env: &[(&str, &str)],
+    ) -> Uwsgi {
+        Self::start_full(build, tag, args, ready, file, "application", agent_env, env)
+    }
+
     /// Starts the pip build under the official SkyWalking Python agent
     /// (`sw-python run -p uwsgi ...`), with `env` (SW_AGENT_* settings).
     pub fn start_with_agent(tag: &str, args: &[&str], ready: Ready, env: &[(&str, &str)]) -> Uwsgi {
