@@ -55,6 +55,8 @@ pub struct Options {
     pub exit_spans: bool,
     /// Keep literal values in reported SQL statements.
     pub sql_literals: bool,
+    /// Read Python exceptions behind failed requests.
+    pub exceptions: bool,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -225,6 +227,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
         let py = match python::python_target(*root) {
+            _ if !opts.exceptions => None,
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!(

@@ -83,6 +83,10 @@ enum Cmd {
         /// (their syscall tracepoints then stay detached).
         #[arg(long)]
         no_exit_spans: bool,
+        /// Do not read Python exceptions (the libpython probes stay detached); failed
+        /// requests are then errors by their status only.
+        #[arg(long)]
+        no_exceptions: bool,
         /// Keep literal values in db.statement (by default they are replaced with `?`).
         #[arg(long)]
         sql_literals: bool,
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
         flush_secs,
         summary_file,
         no_exit_spans,
+        no_exceptions,
         sql_literals,
     } = cli.cmd;
     let oap = oap.map(|address| OapConfig {
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
         error_status,
         summary_file,
         exit_spans: !no_exit_spans,
+        exceptions: !no_exceptions,
         sql_literals,
     })) {
         Ok(_) => ExitCode::SUCCESS,

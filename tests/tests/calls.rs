@@ -166,6 +166,55 @@ fn pip_flask_exit_spans() {
     assert_eq!(summary["lost_calls_ring_full"], 0);
 }
 
+/// Django (DEBUG=False, security and common middleware): an HTTP call and a Redis command.
+#[test]
+fn pip_django_exit_spans() {
+    require_root();
+    let b = Backends::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = b.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let u = Uwsgi::start_app_env(
+        Build::Pip,
+        "calls-django",
+        &["--master", "--workers", "2", "--http-socket", &addr],
+        Ready::Port(port),
+        "django_app.py",
+        &env,
+        &[],
+    );
+    let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
+    for _ in 0..3 {
+        assert_eq!(curl(&u.url("/call"), &[]).status, 200);
+    }
+    assert_eq!(curl(&u.url("/"), &[]).status, 200);
+    let records = obs.wait_requests(4);
+    let (summary, _) = obs.stop();
+    for r in &records {
+        let calls = r.get("calls").and_then(|c| c.as_array()).cloned().unwrap_or_default();
+        if r["path"] == "/" {
+            assert!(calls.is_empty(), "{r:#}");
+            continue;
+        }
+        assert_eq!(calls.len(), 2, "{r:#}");
+        assert_eq!(calls[0]["kind"], "http");
+        assert_eq!(calls[0]["operation"], "/api/items/7");
+        assert_eq!(calls[0]["peer"], format!("localhost:{}", b.http.port));
+        assert_eq!(calls[0]["component"], 7002);
+        assert_eq!(calls[0]["is_error"], false);
+        assert_eq!(calls[1]["kind"], "redis");
+        assert_eq!(calls[1]["operation"], "Redis/GET");
+        assert_eq!(calls[1]["peer"], format!("127.0.0.1:{}", b.redis.port));
+        assert_eq!(calls[1]["tags"][1], serde_json::json!(["cache.key", "k:django"]));
+        assert!(calls[0]["end_us"].as_u64() <= calls[1]["start_us"].as_u64());
+        assert!(calls[0]["start_us"].as_u64() >= r["start_us"].as_u64());
+        assert!(calls[1]["end_us"].as_u64() <= r["end_us"].as_u64());
+    }
+    assert_eq!(b.http.requests().len(), 3);
+    assert_eq!(summary["exit_calls"], 6, "{summary}");
+}
+
 /// gevent: one thread runs many requests at once, so their calls cannot be told apart
 /// from outside: none is attributed (counted), and never to the wrong request.
 #[test]

@@ -52,7 +52,19 @@ struct Run {
     served: u64,
     lost_ring_full: u64,
     oap_dropped: u64,
+    /// Kernel probe activity from the observer's summary (per run, warm-up included).
+    py_frames: u64,
+    exit_calls: u64,
 }
+
+/// The app under test: a file in tests/apps and its environment.
+#[derive(Clone, Copy)]
+struct App<'a> {
+    file: &'a str,
+    env: &'a [(String, String)],
+}
+
+const FLASK: App<'static> = App { file: "flask_app.py", env: &[] };
 
 struct Proc(Child);
 
@@ -212,6 +224,18 @@ fn one_run(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path) -> 
 }
 
 fn one_run_with(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path, extra: &[&str]) -> Result<Run> {
+    one_run_app(FLASK, cfg, mode, route, secs, observer, extra)
+}
+
+fn one_run_app(
+    app: App,
+    cfg: Config,
+    mode: &str,
+    route: &str,
+    secs: u64,
+    observer: &Path,
+    extra: &[&str],
+) -> Result<Run> {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let rx = if cfg == Config::Bare { None } else { Some(receiver()?) };
@@ -230,7 +254,8 @@ fn one_run_with(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path
         _ => Command::new(venv.join("bin/uwsgi")),
     };
     cmd.current_dir(root().join("tests/apps"))
-        .args(["--master", "--workers", "2", mode, &addr, "--wsgi-file", "flask_app.py", "--callable", "application"])
+        .args(["--master", "--workers", "2", mode, &addr, "--wsgi-file", app.file, "--callable", "application"])
+        .envs(app.env.iter().map(|(k, v)| (k, v)))
         .args(["--disable-logging", "--die-on-term"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -308,6 +333,8 @@ fn one_run_with(cfg: Config, mode: &str, route: &str, secs: u64, observer: &Path
             .map(|k| v[*k].as_u64().unwrap_or(0))
             .sum();
         run.lost_ring_full = v["lost_ring_full"].as_u64().unwrap_or(0);
+        run.py_frames = v["py_frames_unwound"].as_u64().unwrap_or(0);
+        run.exit_calls = v["exit_calls"].as_u64().unwrap_or(0);
         run.oap_dropped =
             v["oap_dropped_queue_full"].as_u64().unwrap_or(0) + v["oap_dropped_at_shutdown"].as_u64().unwrap_or(0);
         let _ = std::fs::remove_file(&summary);
@@ -391,7 +418,8 @@ pub fn bench(observer: &Path, short: bool, rounds: usize, secs: u64) -> Result<(
         }
     }
     let saturation = if short { None } else { Some(saturation(observer, secs)?) };
-    write_report(&results, rounds, secs, short, saturation.as_deref())
+    let probes = probes_section(observer, rounds, secs, short)?;
+    write_report(&results, rounds, secs, short, &[saturation.as_deref().unwrap_or(""), &probes])
 }
 
 /// Zero loss at the bare app's saturation (wrk's closed loop drives the app as fast as it
@@ -424,6 +452,119 @@ fn saturation(observer: &Path, secs: u64) -> Result<String> {
     Ok(md)
 }
 
+/// The exception and exit-span probes, on and off: routes that raise (and catch) Python
+/// exceptions or make outbound calls, each with B (every probe), R (the request probe only:
+/// `--no-exceptions --no-exit-spans`) and A (bare), interleaved; `--http-socket`.
+fn probes_section(observer: &Path, rounds: usize, secs: u64, short: bool) -> Result<String> {
+    let venv = setup::venv();
+    let rport = free_port();
+    let mut rc = Command::new("redis-server");
+    rc.args(["--port", &rport.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut rc, 0);
+    let _redis = Proc(rc.spawn().context("starting redis-server (apt: redis-server)")?);
+    let hport = free_port();
+    let mut hc = Command::new(venv.join("bin/python"));
+    hc.arg(root().join("tests/py/http_backend.py")).arg(hport.to_string()).stdout(Stdio::null()).stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut hc, 0);
+    let _http = Proc(hc.spawn().context("starting the HTTP backend")?);
+    wait_for("redis and the HTTP backend", 30, || listening(rport) && listening(hport))?;
+    let env =
+        vec![("REDIS_PORT".to_string(), rport.to_string()), ("BACKEND_HTTP".to_string(), format!("127.0.0.1:{hport}"))];
+    let flask = FLASK;
+    let django = App { file: "django_app.py", env: &[] };
+    let calls = App { file: "calls_app.py", env: &env };
+    let all: Vec<(App, &str, &str)> = vec![
+        (flask, "/caught", "Flask view raising and catching a KeyError (200)"),
+        (flask, "/error", "Flask view raising: 500 with a traceback"),
+        (django, "/", "Django (DEBUG=False) hello: raises and catches ~10 exceptions per request"),
+        (calls, "/call/redis", "two Redis commands (redis-py)"),
+        (calls, "/call/http", "one HTTP call (requests)"),
+    ];
+    let cases: Vec<(App, &str, &str)> = if short { vec![all[0], all[3]] } else { all };
+    let request_only = ["--no-exceptions", "--no-exit-spans"];
+    let configs: [(&str, Config, &[&str]); 3] = [
+        ("A bare app", Config::Bare, &[]),
+        ("R request probe only", Config::Observer, &request_only),
+        ("B every probe", Config::Observer, &[]),
+    ];
+    let mut res: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); configs.len()]; cases.len()];
+    for round in 0..rounds {
+        for (ci, (app, route, _)) in cases.iter().enumerate() {
+            for (k, (name, cfg, extra)) in configs.iter().enumerate() {
+                println!("== probes round {}/{rounds}: {} {route} {name}", round + 1, app.file);
+                let r = one_run_app(*app, *cfg, "--http-socket", route, secs, observer, extra)
+                    .with_context(|| format!("{} {route} {name}", app.file))?;
+                println!(
+                    "   {:.0} req/s, app CPU {:.0} us/req, observer CPU {:.1} us/req, frames unwound {}, exit calls {}, spans {}/{}",
+                    r.rps, r.app_cpu_us_per_req, r.observer_cpu_us_per_req, r.py_frames, r.exit_calls, r.spans, r.spans_expected
+                );
+                if *cfg == Config::Observer && (r.spans != r.spans_expected || r.observer_lost != 0) {
+                    bail!(
+                        "observer lost spans: {} of {} arrived, {} counted lost",
+                        r.spans,
+                        r.spans_expected,
+                        r.observer_lost
+                    );
+                }
+                res[ci][k].push(r);
+            }
+        }
+    }
+    let mut md = String::from(
+        "## Exception and exit-span probes, on and off
+
+",
+    );
+    md.push_str(
+        "`--http-socket`, 2 workers. R runs the observer with `--no-exceptions --no-exit-spans` (only the request probe), B with every probe (libpython's PyTraceBack_Here and PyErr_Display; the connect/sendto/recvfrom tracepoints). Per request: frames the exception probe saw unwind, outbound calls made into Exit spans. Redis and the HTTP backend run on the same 2 cores.
+
+",
+    );
+    md.push_str("| app, route | what it does | config | req/s | app CPU us/req | observer CPU us/req | frames unwound / req | exit spans / req |
+|---|---|---|---|---|---|---|---|
+");
+    for (ci, (app, route, what)) in cases.iter().enumerate() {
+        let mut rps_of = [0.0; 3];
+        for (k, (name, cfg, _)) in configs.iter().enumerate() {
+            let runs = &res[ci][k];
+            let f = |g: fn(&Run) -> f64| mean_sd(&runs.iter().map(g).collect::<Vec<_>>());
+            let (rps, sd) = f(|r| r.rps);
+            rps_of[k] = rps;
+            let (cpu, _) = f(|r| r.app_cpu_us_per_req);
+            let (ocpu, _) = f(|r| r.observer_cpu_us_per_req);
+            let reqs: u64 = runs.iter().map(|r| r.spans_expected).sum();
+            let per = |n: u64| if reqs == 0 { 0.0 } else { n as f64 / reqs as f64 };
+            let frames = per(runs.iter().map(|r| r.py_frames).sum());
+            let calls = per(runs.iter().map(|r| r.exit_calls).sum());
+            let obs = |v: String| if *cfg == Config::Observer { v } else { "-".into() };
+            md.push_str(&format!(
+                "| `{}` `{route}` | {what} | {name} | {rps:.0} ± {sd:.0} | {cpu:.0} | {} | {} | {} |
+",
+                app.file,
+                obs(format!("{ocpu:.1}")),
+                obs(format!("{frames:.1}")),
+                obs(format!("{calls:.1}")),
+            ));
+        }
+        md.push_str(&format!(
+            "| | | **B/A {:+.1} %, R/A {:+.1} %, B/R {:+.1} %** | | | | | |
+",
+            (rps_of[2] / rps_of[0] - 1.0) * 100.0,
+            (rps_of[1] / rps_of[0] - 1.0) * 100.0,
+            (rps_of[2] / rps_of[1] - 1.0) * 100.0
+        ));
+    }
+    md.push_str(
+        "
+B/R is what the exception and exit-span probes add on top of the request probe.
+
+",
+    );
+    Ok(md)
+}
+
 fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -441,7 +582,7 @@ fn write_report(
     rounds: usize,
     secs: u64,
     short: bool,
-    saturation: Option<&str>,
+    sections: &[&str],
 ) -> Result<()> {
     let mut md = String::new();
     md.push_str("# Benchmarks: what the observer costs a uWSGI app\n\n");
@@ -529,8 +670,8 @@ fn write_report(
             }
         }
     }
-    if let Some(sat) = saturation {
-        md.push_str(sat);
+    for sec in sections {
+        md.push_str(sec);
     }
     md.push_str("Targets (for the benchmark to show, not for tests to assert): throughput loss B/A <= 2 %, p99 added <= 5 %, observer CPU <= 10 us/request, observer RSS <= 40 MB, zero spans lost up to the bare app's saturation, B's overhead <= a tenth of C's. What was profiled and fixed, with before/after figures: [performance.md](performance.md).\n");
     let docs = root().join("docs");
