@@ -274,20 +274,23 @@ fn read_u64(elf: &object::File, data: &[u8], vaddr: u64) -> Option<u64> {
     Some(u64::from_le_bytes(data.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// The "3.X.Y" version string in a pre-3.11 library (its `3.X` must match the soname).
+/// The "3.X.Y" version string in a pre-3.11 library (its `3.X` must match the soname). The
+/// linker may merge `PY_VERSION` into the tail of a longer string (a prefix path ending in
+/// "3.10.13"), so the match needs only a non-digit before it and a NUL after.
 pub fn find_py_version(data: &[u8], major: u32, minor: u32) -> Option<String> {
-    let prefix = format!("\0{major}.{minor}.");
+    let prefix = format!("{major}.{minor}.");
     let p = prefix.as_bytes();
     let mut i = 0;
     while i + p.len() < data.len() {
-        let pos = data[i..].windows(p.len()).position(|w| w == p)?;
-        let start = i + pos + 1;
-        let end = start + data[start..].iter().take(12).position(|&b| b == 0)?;
-        let s = &data[start..end];
-        if s.iter().all(|b| b.is_ascii_digit() || *b == b'.') && s.iter().filter(|&&b| b == b'.').count() == 2 {
-            return Some(String::from_utf8_lossy(s).into_owned());
+        let start = i + data[i..].windows(p.len()).position(|w| w == p)?;
+        i = start + 1;
+        if start > 0 && (data[start - 1].is_ascii_digit() || data[start - 1] == b'.') {
+            continue;
         }
-        i = start;
+        let digits = data[start + p.len()..].iter().take(4).take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 && data.get(start + p.len() + digits) == Some(&0) {
+            return Some(String::from_utf8_lossy(&data[start..start + p.len() + digits]).into_owned());
+        }
     }
     None
 }
@@ -647,9 +650,11 @@ mod tests {
         assert_eq!(soname_version("libc.so.6"), None);
         assert_eq!(version_from_hex(0x030b07f0), "3.11.7");
         assert_eq!(version_from_hex(0x030b02f0), "3.11.2");
-        let mut blob = b"junk\x003.2.0\x00more\x003.11.7\x00".to_vec();
+        let mut blob = b"junk\x003.2.0\x00v13.11.1\x00more\x003.11.7\x00".to_vec();
         assert_eq!(find_py_version(&blob, 3, 11).as_deref(), Some("3.11.7"));
-        blob.truncate(10);
+        assert_eq!(find_py_version(b"/root/.pyenv/versions/3.10.13\0", 3, 10).as_deref(), Some("3.10.13"));
+        assert_eq!(find_py_version(b"3.10.13x\0", 3, 10), None);
+        blob.truncate(20);
         assert_eq!(find_py_version(&blob, 3, 11), None);
         assert!(layouts_for(3, 11).is_some());
         assert!(layouts_for(3, 12).is_none());
