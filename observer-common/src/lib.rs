@@ -289,17 +289,27 @@ pub const MAX_PYLAYOUTS: u32 = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PyLayout {
-    /// `_PyRuntime.gilstate.tstate_current`: the thread state holding the GIL.
+    /// `_PyRuntime.gilstate.tstate_current` (3.8-3.11): the thread state holding the GIL;
+    /// [`PY_NONE`] from 3.12, where the holder is `interp->ceval.gil->last_holder`.
     pub runtime_tstate: u32,
-    /// `PyThreadState.curexc_type`; `curexc_value` and `curexc_traceback` follow (8 bytes apart).
+    /// 3.12+: `_PyRuntime.interpreters.main`, `PyInterpreterState.ceval.gil`,
+    /// `struct _gil_runtime_state.last_holder`.
+    pub interp_main: u32,
+    pub interp_gil: u32,
+    pub gil_last_holder: u32,
+    /// 0: `PyThreadState.curexc_type` with `curexc_value` and `curexc_traceback` 8 bytes
+    /// apart (3.8-3.11); 1: `PyThreadState.current_exception`, one normalized instance whose
+    /// traceback is at `exc_traceback` (3.12+).
+    pub exc_model: u32,
     pub tstate_curexc: u32,
+    pub exc_traceback: u32,
     /// `PyTracebackObject.tb_next`.
     pub tb_next: u32,
     /// `PyFrameObject.f_frame` (3.11+), or [`PY_NONE`].
     pub frame_iframe: u32,
     /// Code object pointer, in the interpreter frame (3.11+) or in the frame object.
     pub code: u32,
-    /// 3.11+: `prev_instr` pointer in the interpreter frame; older: `int f_lasti` in the frame.
+    /// 3.11+: `prev_instr` / `instr_ptr` in the interpreter frame; older: `int f_lasti`.
     pub instr: u32,
     /// 3.11+: `co_code_adaptive` (the bytecode inside the code object); older: unused.
     pub code_adaptive: u32,
@@ -316,7 +326,6 @@ pub struct PyLayout {
     pub str_compact_data: u32,
     /// Non-compact (legacy) `str`: pointer to the data.
     pub str_data_ptr: u32,
-    pub _pad: u32,
 }
 pub const PY_NONE: u32 = u32::MAX;
 
@@ -462,7 +471,7 @@ pub struct RecvArgs {
 
 const _: () = assert!(core::mem::size_of::<CallEvent>() == 552);
 const _: () = assert!(core::mem::size_of::<RecvEvent>() == 48);
-const _: () = assert!(core::mem::size_of::<PyLayout>() == 64);
+const _: () = assert!(core::mem::size_of::<PyLayout>() == 80);
 const _: () = assert!(core::mem::size_of::<ExcSlot>() == 496);
 const _: () = assert!(core::mem::size_of::<ExcTrack>() == 1000);
 const _: () = assert!(core::mem::size_of::<ExceptionEvent>() == 520);

@@ -408,9 +408,20 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     bump(Stat::PyFrames);
     let frame: u64 = ctx.arg(0).ok_or(0i64)?;
     // The GIL holder is the thread running this frame.
-    let tstate: u64 = read(t.py_runtime, pl.runtime_tstate)?;
-    let exc: [u64; 3] = read(tstate, pl.tstate_curexc)?;
-    let (etype, value, tb) = (exc[0], exc[1], exc[2]);
+    let tstate: u64 = if pl.runtime_tstate != PY_NONE {
+        read(t.py_runtime, pl.runtime_tstate)?
+    } else {
+        let interp: u64 = read(t.py_runtime, pl.interp_main)?;
+        let gil: u64 = read(interp, pl.interp_gil)?;
+        read(gil, pl.gil_last_holder)?
+    };
+    let (etype, value, tb) = if pl.exc_model == 0 {
+        let exc: [u64; 3] = read(tstate, pl.tstate_curexc)?;
+        (exc[0], exc[1], exc[2])
+    } else {
+        let value: u64 = read(tstate, pl.tstate_curexc)?;
+        (read(value, 8)?, value, read(value, pl.exc_traceback)?)
+    };
     let (code, lasti) = if pl.frame_iframe != PY_NONE {
         let iframe: u64 = read(frame, pl.frame_iframe)?;
         let code: u64 = read(iframe, pl.code)?;
@@ -445,8 +456,12 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     } else if same(slot(tr, o), value) {
         o
     } else {
-        // A new exception: it takes the slot that does not hold the leader.
-        let n = if slot(tr, c).nframes > slot(tr, o).nframes { o } else { c };
+        // A new exception: it takes the slot that does not hold the leader (an exception
+        // that escaped into uWSGI leads whatever its depth: 3.13 prints it with Python code
+        // that raises and catches on its own).
+        let (sc, so) = (slot(tr, c), slot(tr, o));
+        let keep_c = if sc.escaped != so.escaped { sc.escaped != 0 } else { sc.nframes > so.nframes };
+        let n = if keep_c { o } else { c };
         let s = slot_mut(tr, n);
         s.nframes = 0;
         s.described = 0;
@@ -460,6 +475,7 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     };
     tr.cur = idx;
     let rival = slot(tr, idx ^ 1).nframes;
+    let rival_escaped = slot(tr, idx ^ 1).escaped != 0;
     let s = slot_mut(tr, idx);
     // Innermost frames fill the array; past it, the last slot tracks the outermost frame.
     let n = s.nframes as usize;
@@ -470,7 +486,7 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     s.value = value;
     // Read type and message once, when this exception takes the lead: the objects are alive
     // now (they are the thread's current exception) but may be gone by the request's end.
-    if s.described == 0 && s.nframes > rival {
+    if s.described == 0 && s.nframes > rival && !rival_escaped {
         s.described = 1;
         describe(s, pl, etype, value);
     }
@@ -480,12 +496,12 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
 /// `void PyErr_Display(PyObject *type, PyObject *value, PyObject *tb)`: uWSGI prints an
 /// exception that escaped the WSGI callable; it is this thread's current one.
 #[uprobe]
-pub fn py_display(_ctx: ProbeContext) -> u32 {
+pub fn py_display(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = tgid_tid();
     // SAFETY: map lookups return pointers valid for the program's run.
-    if unsafe { TRACKED.get(&tgid) }.is_none() {
-        return 0;
-    }
+    let Some(t) = (unsafe { TRACKED.get(&tgid) }) else { return 0 };
+    let Some(pl) = PYLAYOUTS.get(t.py) else { return 0 };
+    let value: u64 = ctx.arg(1).unwrap_or(0);
     if let Some(tr) = EXC.get_ptr_mut(&tid) {
         // SAFETY: map value pointer, valid for this run.
         let tr = unsafe { &mut *tr };
@@ -493,6 +509,11 @@ pub fn py_display(_ctx: ProbeContext) -> u32 {
         let s = slot_mut(tr, c);
         if s.nframes > 0 {
             s.escaped = 1;
+            // It may not have led on depth: read it now (the value is normalized here).
+            if s.described == 0 && value != 0 {
+                s.described = 1;
+                describe(s, pl, read::<u64>(value, 8).unwrap_or(0), value);
+            }
         }
     }
     0

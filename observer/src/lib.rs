@@ -41,6 +41,8 @@ pub struct Options {
     pub ring_bytes: u32,
     /// Testing aid (hidden flag): added to every layout offset.
     pub layout_shift: u32,
+    /// Testing aid (hidden flag): added to the CPython code-object offset.
+    pub py_layout_shift: u32,
     /// Report to a SkyWalking OAP.
     pub oap: Option<export::oap::OapConfig>,
     /// Service name; else SW_AGENT_NAME / OTEL_SERVICE_NAME from the target, else derived.
@@ -228,7 +230,10 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         let slot = s.probes.attach_target(target)?;
         let py = match python::python_target(*root) {
             _ if !opts.exceptions => None,
-            Ok(p) => Some(p),
+            Ok(mut p) => {
+                p.layouts.kernel.code += opts.py_layout_shift;
+                Some(p)
+            }
             Err(e) => {
                 eprintln!(
                     "observer: warning: instance {root}: {e}; failed requests are reported from their status only, without a traceback"

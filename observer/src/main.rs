@@ -94,6 +94,10 @@ enum Cmd {
         /// layout is detected on live data and the target refused.
         #[arg(long, hide = true, default_value_t = 0)]
         layout_shift: u32,
+        /// Testing aid: shift the CPython frame's code-object offset, to prove that wrong
+        /// interpreter offsets never give a traceback (they are detected and turned off).
+        #[arg(long, hide = true, default_value_t = 0)]
+        py_layout_shift: u32,
     },
 }
 
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
         drop_headers,
         ring_bytes,
         layout_shift,
+        py_layout_shift,
         oap,
         service,
         framework,
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
         drop_headers,
         ring_bytes,
         layout_shift,
+        py_layout_shift,
         oap,
         service,
         component,

@@ -53,17 +53,23 @@ pub struct Layouts {
     pub code: CodeLayout,
 }
 
-/// Offsets for x86_64 CPython, from the public headers of each version (3.11 also checked
-/// against the pyenv build's DWARF and live, on the pip and Debian builds).
-/// 3.12 and 3.13 keep the exception in a thread state reached through thread-local storage,
-/// which this probe does not read yet: they get status-only errors.
+/// Offsets for x86_64 CPython, from the headers of each version (`offsetof` against pyenv
+/// 3.8.18 to 3.13.0; 3.11 also against the pyenv build's DWARF). From 3.12 the current
+/// thread state is thread-local; the probe takes the GIL's last holder instead (the thread
+/// running Python code holds the GIL). Free-threaded 3.13 builds have no GIL and are not
+/// supported (Py_GIL_DISABLED changes these layouts).
 pub fn layouts_for(major: u32, minor: u32) -> Option<Layouts> {
     if major != 3 {
         return None;
     }
     let common = PyLayout {
         runtime_tstate: 0,
+        interp_main: PY_NONE,
+        interp_gil: PY_NONE,
+        gil_last_holder: PY_NONE,
+        exc_model: 0,
         tstate_curexc: 0,
+        exc_traceback: PY_NONE,
         tb_next: 16,
         frame_iframe: PY_NONE,
         code: 32,
@@ -77,7 +83,6 @@ pub fn layouts_for(major: u32, minor: u32) -> Option<Layouts> {
         str_ascii_data: 48,
         str_compact_data: 72,
         str_data_ptr: 72,
-        _pad: 0,
     };
     let old_code = CodeLayout {
         firstlineno: 40,
@@ -122,6 +127,35 @@ pub fn layouts_for(major: u32, minor: u32) -> Option<Layouts> {
                 table: LineTable::V311,
                 str_ascii_data: 48,
                 str_compact_data: 72,
+            },
+        },
+        12 | 13 => Layouts {
+            kernel: PyLayout {
+                runtime_tstate: PY_NONE,
+                interp_main: if minor == 12 { 48 } else { 640 },
+                interp_gil: if minor == 12 { 384 } else { 16 },
+                gil_last_holder: 8,
+                exc_model: 1,
+                tstate_curexc: if minor == 12 { 96 } else { 112 },
+                exc_traceback: 40,
+                frame_iframe: 24,
+                code: 0,
+                instr: 56,
+                code_adaptive: if minor == 12 { 192 } else { 200 },
+                str_ascii_data: 40,
+                str_compact_data: 56,
+                str_data_ptr: 56,
+                ..common
+            },
+            code: CodeLayout {
+                firstlineno: 68,
+                filename: 112,
+                name: 120,
+                qualname: Some(128),
+                linetable: 136,
+                table: LineTable::V311,
+                str_ascii_data: 40,
+                str_compact_data: 56,
             },
         },
         _ => return None,
@@ -228,6 +262,10 @@ pub fn python_target(pid: u32) -> Result<PyTarget, PyError> {
                 (ma, mi, v)
             }
         };
+        // libpython3.13t: the free-threaded build (no GIL, other layouts).
+        if name.starts_with(&format!("libpython{major}.{minor}t")) {
+            return Err(PyError::Unsupported(format!("{version} free-threaded")));
+        }
         let layouts = layouts_for(major, minor).ok_or_else(|| PyError::Unsupported(version.clone()))?;
         let code_type = sym("PyCode_Type").ok_or_else(|| PyError::Other(format!("{file}: no PyCode_Type symbol")))?;
         for f in [TRACEBACK_SYMBOL, DISPLAY_SYMBOL] {
@@ -252,15 +290,19 @@ pub fn python_target(pid: u32) -> Result<PyTarget, PyError> {
     Err(PyError::NoPython)
 }
 
-/// A symbol's virtual address to its address in the process: through the ELF segment that
-/// holds it (to a file offset), then the mapping of that file offset.
+/// A symbol's virtual address to its address in the process: plus the file's load bias,
+/// taken from the mapping of its first page (the symbol itself may be in .bss, which has no
+/// file-backed mapping).
 fn runtime_address(elf: &object::File, maps: &[Mapping], file: &str, vaddr: u64) -> Option<u64> {
-    let seg = elf.segments().find(|s| s.address() <= vaddr && vaddr < s.address() + s.size())?;
-    let (file_off, _) = seg.file_range();
-    let off = file_off + (vaddr - seg.address());
-    maps.iter()
-        .find(|m| m.path == file && m.offset <= off && off < m.offset + (m.end - m.start))
-        .map(|m| m.start + (off - m.offset))
+    let first = elf.segments().min_by_key(|s| s.file_range().0)?;
+    let base_vaddr = first.address().checked_sub(first.file_range().0)?;
+    let m = maps.iter().filter(|m| m.path == file).min_by_key(|m| m.offset)?;
+    let bias = (m.start - m.offset).checked_sub(base_vaddr & !0xfff)?;
+    let addr = vaddr.checked_add(bias)?;
+    // It must land inside this file's span of the address space.
+    let end = maps.iter().filter(|m| m.path == file).map(|m| m.end).max()?;
+    let bss_room = 1 << 24;
+    (addr >= m.start && addr < end + bss_room).then_some(addr)
 }
 
 fn read_u64(elf: &object::File, data: &[u8], vaddr: u64) -> Option<u64> {
@@ -657,7 +699,9 @@ mod tests {
         blob.truncate(20);
         assert_eq!(find_py_version(&blob, 3, 11), None);
         assert!(layouts_for(3, 11).is_some());
-        assert!(layouts_for(3, 12).is_none());
+        assert!(layouts_for(3, 13).is_some());
+        assert!(layouts_for(3, 14).is_none());
+        assert!(layouts_for(3, 7).is_none());
         assert!(layouts_for(2, 7).is_none());
     }
 

@@ -70,6 +70,14 @@ pub enum Build {
     Pip,
     /// Debian's uwsgi-core + uwsgi-plugin-python3: the handler is in a stripped plugin .so.
     Debian,
+    /// PyPI's uwsgi built against another CPython ("3.10"), in `.venv-py3.10` (set up by
+    /// `./x setup` when the machine has that interpreter).
+    PipPython(&'static str),
+}
+
+/// The venv of [`Build::PipPython`].
+pub fn python_venv(minor: &str) -> PathBuf {
+    repo().join(format!(".venv-py{minor}"))
 }
 
 pub struct Uwsgi {
@@ -131,6 +139,7 @@ impl Uwsgi {
         let exe = match build {
             Build::Pip => venv().join("bin/uwsgi"),
             Build::Debian => PathBuf::from("/usr/bin/uwsgi_python311"),
+            Build::PipPython(minor) => python_venv(minor).join("bin/uwsgi"),
         };
         let log = std::fs::File::create(dir.join("uwsgi.log")).unwrap();
         let mut cmd = if agent_env.is_empty() {

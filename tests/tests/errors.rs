@@ -269,3 +269,79 @@ fn pip_gevent_exceptions_not_attributed() {
     assert_eq!(summary["exceptions_reported"], 0);
     assert_eq!(summary["exceptions_unresolved"], serde_json::json!({"async worker (not attributed)": 2}), "{summary}");
 }
+
+/// Every CPython the layout table covers besides the main venv's 3.11, as far as this
+/// machine has it (pyenv): uWSGI built against it, a bare WSGI app whose exception escapes.
+/// 3.12+ find the thread state through the GIL's last holder, 3.8-3.10 read frames without
+/// `_PyInterpreterFrame`, 3.8/3.9 decode `co_lnotab`.
+#[test]
+fn other_python_versions() {
+    require_root();
+    let f = "bare_wsgi.py";
+    let mut tested = Vec::new();
+    for minor in ["3.8", "3.9", "3.10", "3.12", "3.13"] {
+        let have = std::fs::read_dir("/root/.pyenv/versions")
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("{minor}."))))
+            .unwrap_or(false);
+        if !have {
+            println!("CPython {minor}: not on this machine");
+            continue;
+        }
+        assert!(
+            python_venv(minor).join("bin/uwsgi").exists(),
+            "CPython {minor} is here but .venv-py{minor} is not: run ./x setup"
+        );
+        let u = start(Build::PipPython(minor), &format!("exc-py{minor}"), f, &[]);
+        let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
+        assert!(obs.stderr().contains(&format!("Python {minor}.")), "{}", obs.stderr());
+        for p in ["/error", "/", "/error"] {
+            curl(&u.url(p), &[]);
+        }
+        let records = obs.wait_requests(3);
+        let (summary, _) = obs.stop();
+        for r in records.iter().filter(|r| r["path"] == "/error") {
+            check_exception(
+                r,
+                "ValueError",
+                "bare 7",
+                &[
+                    (f, "application", line_of(f, "        helper()")),
+                    (f, "helper", line_of(f, "raise ValueError(\"bare 7\")")),
+                ],
+                Some((f, "application")),
+            );
+        }
+        no_exception(only(&records, "/"));
+        assert_eq!(summary["exceptions_reported"], 2, "{minor}: {summary}");
+        tested.push(minor);
+    }
+    println!("tested: {tested:?}");
+}
+
+/// Wrong interpreter offsets (the hidden --py-layout-shift moves the code-object offset)
+/// never produce a traceback: the frames fail the type check, each record is counted, and
+/// after 3 with none good tracebacks are turned off for the instance with a warning. The
+/// requests themselves are still reported, as errors by status.
+#[test]
+fn wrong_interpreter_layout_never_gives_a_traceback() {
+    require_root();
+    let u = start(Build::Pip, "exc-shift", "flask_app.py", &[]);
+    let obs = Observer::attach(&["--pid", &u.master_pid().to_string(), "--py-layout-shift", "8"]);
+    for _ in 0..5 {
+        curl(&u.url("/error"), &[]);
+    }
+    let records = obs.wait_requests(5);
+    let (summary, stderr) = obs.stop();
+    assert_eq!(records.len(), 5);
+    for r in &records {
+        assert_eq!(r["status"], 500);
+        no_exception(r);
+    }
+    assert_eq!(summary["exceptions_reported"], 0);
+    let unresolved = summary["exceptions_unresolved"]
+        ["a frame's code object could not be read or is not a code object"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(unresolved, 3, "{summary}");
+    assert_eq!(stderr.matches("did not validate on live data").count(), 1, "{stderr}");
+}

@@ -60,6 +60,7 @@ pub fn all() -> Result<()> {
     toolchain()?;
     bpf_linker()?;
     python()?;
+    other_pythons()?;
     tracefs()?;
     Ok(())
 }
@@ -145,6 +146,47 @@ fn bpf_linker() -> Result<()> {
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// CPython minor versions besides the main venv's 3.11 that the exception layouts cover.
+pub const OTHER_PYTHONS: &[&str] = &["3.8", "3.9", "3.10", "3.12", "3.13"];
+
+/// The interpreter of a minor version, if this machine has one (pyenv's builds are shared
+/// libraries with headers, which is what a pip-built uWSGI links against).
+pub fn interpreter(minor: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("PYENV_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{minor}."))))
+        .map(|p| p.join("bin").join(format!("python{minor}")))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// A venv with uWSGI per other CPython version found on the machine (for the exception
+/// tests across versions): `.venv-py3.X`.
+fn other_pythons() -> Result<()> {
+    for minor in OTHER_PYTHONS {
+        let Some(py) = interpreter(minor) else {
+            println!("== setup: no CPython {minor} on this machine (pyenv); its exception test will say so");
+            continue;
+        };
+        let v = root().join(format!(".venv-py{minor}"));
+        let ok = Command::new(v.join("bin/uwsgi"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == UWSGI_VERSION);
+        if ok {
+            continue;
+        }
+        println!("== setup: venv {} (CPython {minor}) with uwsgi=={UWSGI_VERSION}", v.display());
+        run(Command::new(&py).arg("-m").arg("venv").arg("--clear").arg(&v))?;
+        run(Command::new(v.join("bin/pip")).args(["install", "-q", &format!("uwsgi=={UWSGI_VERSION}")]))?;
+    }
+    Ok(())
 }
 
 fn python() -> Result<()> {
