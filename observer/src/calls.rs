@@ -471,15 +471,22 @@ impl Calls {
         self.open.retain(|(p, _), _| *p != pid);
     }
 
-    /// Drops calls of threads that never finished a request (bounded memory).
-    pub fn prune(&mut self, max_per_thread: usize) {
-        for v in self.done.values_mut() {
-            if v.len() > max_per_thread {
-                let n = v.len() - max_per_thread;
-                v.drain(..n);
-                self.stats.calls_outside_requests += n as u64;
-            }
+    /// Bounded memory: calls of threads that never finish a request (the master, a
+    /// background thread, a thread that died) are dropped after `max_age_ns` and counted.
+    pub fn prune(&mut self, now_ns: u64, max_age_ns: u64) {
+        let old = |ns: u64| now_ns.saturating_sub(ns) > max_age_ns;
+        let stale: Vec<(u32, i32)> = self.open.iter().filter(|(_, o)| old(o.end_ns)).map(|(k, _)| *k).collect();
+        for (g, fd) in stale {
+            self.finish(g, fd);
         }
+        let mut dropped = 0u64;
+        self.done.retain(|_, v| {
+            let before = v.len();
+            v.retain(|(o, _)| !old(o.end_ns));
+            dropped += (before - v.len()) as u64;
+            !v.is_empty()
+        });
+        self.stats.calls_outside_requests += dropped;
     }
 
     fn exit_call(&self, o: &Open, conn: &Conn, start_us: u64, end_us: u64, _pid: u32) -> Option<ExitCall> {
@@ -736,6 +743,14 @@ mod tests {
         c.send(10, 11, 5, get, 22, 7_000_000);
         assert!(c.take_for_request(10, 11, 4000, 0, false).is_empty());
         assert_eq!(c.stats.calls_async_unattributed, 1);
+        // A thread that never finishes a request: its calls age out, counted.
+        c.send(10, 99, 5, get, 22, 8_000_000);
+        c.recv(10, 5, b"$1\r\nv\r\n", 8_100_000);
+        c.prune(9_000_000, 5_000_000);
+        assert_eq!(c.open.len() + c.done.len(), 1, "young call kept");
+        c.prune(20_000_000, 5_000_000);
+        assert_eq!(c.open.len() + c.done.len(), 0);
+        assert_eq!(c.stats.calls_outside_requests, 2);
     }
 
     /// Junk never panics.

@@ -156,7 +156,7 @@ struct Session {
     /// Processes that exec'd and whose new image is not resolved yet, since when.
     pending_exec: HashMap<u32, Instant>,
     /// tid -> the exception record sent just before that thread's next request record.
-    pending_exc: HashMap<u32, Box<observer_common::ExceptionEvent>>,
+    pending_exc: HashMap<u32, (Instant, Box<observer_common::ExceptionEvent>)>,
     /// Worker pid -> whether it runs several requests per thread (gevent, async).
     async_workers: HashMap<u32, bool>,
     /// tid -> the uWSGI core it served last (a second core on one thread means async).
@@ -339,6 +339,8 @@ impl Session {
                     }
                     if ticks.is_multiple_of(20) {
                         self.prune_dead();
+                        self.calls.prune(monotonic_ns(), CALL_MAX_AGE_NS);
+                        self.pending_exc.retain(|_, (at, _)| at.elapsed() < Duration::from_nanos(CALL_MAX_AGE_NS));
                     }
                     if roots.iter().all(|r| !targets::exists(*r)) {
                         eprintln!("observer: every observed uWSGI instance has exited");
@@ -359,7 +361,7 @@ impl Session {
                 Ok(Record::Request(ev)) => self.on_request(&ev),
                 Ok(Record::Proc(ev)) => self.on_proc(&ev),
                 Ok(Record::Exception(ev)) => {
-                    self.pending_exc.insert(ev.tid, ev);
+                    self.pending_exc.insert(ev.tid, (Instant::now(), ev));
                 }
                 Ok(Record::Call(ev)) => {
                     let data = &ev.data[..(ev.data_len as usize).min(ev.data.len())];
@@ -386,6 +388,8 @@ impl Session {
     }
 
     fn on_request(&mut self, ev: &observer_common::RequestEvent) {
+        // Sent right before this record by the same probe run: claimed here, whatever happens.
+        let pending_exc = self.pending_exc.remove(&ev.tid);
         let st = self.instances.entry(ev.instance).or_default();
         if st.refused {
             self.summary.refused += 1;
@@ -416,7 +420,7 @@ impl Session {
         }
         st.valid += 1;
         let mut r = self.decoder.request(ev);
-        if let Some(exc) = self.pending_exc.remove(&ev.tid) {
+        if let Some((_, exc)) = pending_exc {
             if exc.req == ev.req && exc.tgid == ev.tgid {
                 r.exception = self.exception_for(ev, &exc);
             }
@@ -755,6 +759,16 @@ fn span_config(root: u32, opts: &Options) -> (spans::SpanConfig, &'static str) {
         error_status: opts.error_status,
     };
     (cfg, source)
+}
+
+/// Calls (and exception records) not claimed by a request within this long are dropped.
+const CALL_MAX_AGE_NS: u64 = 60_000_000_000;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: plain libc call writing our local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn wall_minus_monotonic_ns() -> i64 {

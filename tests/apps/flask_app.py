@@ -61,6 +61,25 @@ def slow():
     return "slow\n"
 
 
+_redis = {}
+
+
+@app.route("/checkout")
+def checkout():
+    """Demo route: an HTTP call to BACKEND_HTTP (requests) and a Redis INCR on REDIS_PORT."""
+    import os
+
+    import redis
+    import requests
+
+    r = requests.get("http://localhost:%s/api/items/1" % os.environ["BACKEND_HTTP"].rsplit(":", 1)[1], timeout=5)
+    pid = os.getpid()
+    if pid not in _redis:
+        _redis[pid] = redis.Redis(host="127.0.0.1", port=int(os.environ["REDIS_PORT"]), protocol=2, driver_info=None)
+    n = _redis[pid].incr("orders")
+    return {"item": r.json(), "orders": n}
+
+
 class Crash:
     """WSGI middleware: /crash raises out of the app, into uWSGI (500, zero bytes)."""
 

@@ -126,9 +126,30 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let pidfile = dir.join("uwsgi.pid");
     let port = 18090;
+    // Two backends for the app's outbound calls (Exit spans): Redis and a small HTTP service.
+    let (redis_port, http_port) = (18092u16, 18093u16);
+    println!("== starting backends for the app's calls: redis-server :{redis_port}, an HTTP service :{http_port}");
+    let redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let _redis = Guard(redis, "redis-server");
+    let backend = Command::new(setup::venv().join("bin/python"))
+        .arg(root().join("tests/py/http_backend.py"))
+        .arg(http_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the HTTP backend")?;
+    let _backend = Guard(backend, "http backend");
+    wait_http(http_port)?;
+    wait_http(redis_port)?;
     println!("== starting a sample app: uWSGI (pip build) + Flask, 2 workers, --http :{port}");
     let uwsgi = Command::new(setup::venv().join("bin/uwsgi"))
         .current_dir(root().join("tests/apps"))
+        .env("BACKEND_HTTP", format!("127.0.0.1:{http_port}"))
+        .env("REDIS_PORT", redis_port.to_string())
         .args(["--master", "--workers", "2", "--http", &format!("127.0.0.1:{port}")])
         .args(["--wsgi-file", "flask_app.py", "--callable", "application", "--disable-logging", "--die-on-term"])
         .arg("--pidfile")
@@ -167,7 +188,7 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     let mut observer = Guard(observer, "observer");
     sleep(Duration::from_secs(2));
     println!("== sending traffic for {seconds} s");
-    let urls = ["/", "/users/42?expand=1", "/status/201", "/missing", "/error", "/crash", "/slow"];
+    let urls = ["/", "/users/42?expand=1", "/checkout", "/status/201", "/missing", "/error", "/crash", "/slow"];
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(seconds) {
