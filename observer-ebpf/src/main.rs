@@ -224,7 +224,16 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
             // SAFETY: map value pointer, valid for this run.
             send_exception(unsafe { &*tr }, tgid, tid, tracked.instance, req);
         }
-        let _ = EXC.remove(&tid);
+        // Reset in place: cheaper than a delete and a fresh insert on the next exception.
+        if let Some(tr) = EXC.get_ptr_mut(&tid) {
+            // SAFETY: map value pointer, valid for this run.
+            let tr = unsafe { &mut *tr };
+            tr.cur = 0;
+            tr.slots[0].nframes = 0;
+            tr.slots[0].escaped = 0;
+            tr.slots[1].nframes = 0;
+            tr.slots[1].escaped = 0;
+        }
     }
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         bump(Stat::RingFull);
@@ -383,6 +392,26 @@ fn send_exception(tr: &ExcTrack, tgid: u32, tid: u32, instance: u32, req: u64) {
 }
 
 const TPF_TUPLE: u64 = 1 << 26;
+const NONE_SLOT: u32 = 2;
+/// Frames an exception must unwind before its type and message are read.
+const DESCRIBE_AT: u32 = 3;
+/// Bytes read from a frame to get its code object and instruction in one go.
+const FRAME_SPAN: usize = 128;
+
+/// `N` bytes at `at` in `block` (zeroes when out of range).
+#[inline(always)]
+fn pick<const N: usize>(block: &[u8; FRAME_SPAN], at: u32) -> [u8; N] {
+    let mut out = [0u8; N];
+    let at = (at as usize) & (FRAME_SPAN - 1);
+    if at + N <= FRAME_SPAN {
+        let mut j = 0;
+        while j < N {
+            out[j] = block[at + j];
+            j += 1;
+        }
+    }
+    out
+}
 const TPF_STR: u64 = 1 << 28;
 const TPF_BASE_EXC: u64 = 1 << 30;
 
@@ -422,18 +451,16 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
         let value: u64 = read(tstate, pl.tstate_curexc)?;
         (read(value, 8)?, value, read(value, pl.exc_traceback)?)
     };
-    let (code, lasti) = if pl.frame_iframe != PY_NONE {
-        let iframe: u64 = read(frame, pl.frame_iframe)?;
-        let code: u64 = read(iframe, pl.code)?;
-        let instr: u64 = read(iframe, pl.instr)?;
-        (code, instr.wrapping_sub(code + pl.code_adaptive as u64) as i32)
+    // Code object and instruction in one read: both sit within FRAME_SPAN bytes.
+    let holder = if pl.frame_iframe != PY_NONE { read::<u64>(frame, pl.frame_iframe)? } else { frame };
+    let lo = if pl.code < pl.instr { pl.code } else { pl.instr };
+    let block: [u8; FRAME_SPAN] = read(holder, lo)?;
+    let code = u64::from_ne_bytes(pick::<8>(&block, pl.code - lo));
+    let lasti = if pl.frame_iframe != PY_NONE {
+        u64::from_ne_bytes(pick::<8>(&block, pl.instr - lo)).wrapping_sub(code + pl.code_adaptive as u64) as i32
     } else {
-        let code: u64 = read(frame, pl.code)?;
-        let lasti: i32 = read(frame, pl.instr)?;
-        (code, lasti.wrapping_mul(pl.lasti_scale as i32))
+        i32::from_ne_bytes(pick::<4>(&block, pl.instr - lo)).wrapping_mul(pl.lasti_scale as i32)
     };
-    // The traceback this hit extends: the previous hit of the same exception left it there.
-    let prev: u64 = if tb == 0 { 0 } else { read(tb, pl.tb_next)? };
 
     let tr = match EXC.get_ptr_mut(&tid) {
         Some(p) => p,
@@ -448,21 +475,33 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     let tr = unsafe { &mut *tr };
     let c = tr.cur & 1;
     let o = c ^ 1;
-    // A traceback object is alive (hence unique) while its chain is, so a non-null link
-    // identifies the exception; at its first frame the link is null: compare the values.
-    let same = |s: &ExcSlot, v: u64| s.nframes > 0 && tb != 0 && prev == s.last_tb && (prev != 0 || s.value == v);
-    let idx = if same(slot(tr, c), value) {
-        c
-    } else if same(slot(tr, o), value) {
-        o
-    } else {
+    // Which exception is this? A raise site has no traceback yet: always a new one. Else the
+    // same value as a slot's is the same exception (also after a bare `raise`); a value that
+    // changed (3.8-3.11 normalize C-raised exceptions when a handler takes them) is matched
+    // through the traceback chain: this hit extends the traceback the slot's last hit saw.
+    let mut idx = NONE_SLOT;
+    if tb != 0 {
+        if value != 0 && slot(tr, c).nframes > 0 && slot(tr, c).value == value {
+            idx = c;
+        } else if value != 0 && slot(tr, o).nframes > 0 && slot(tr, o).value == value {
+            idx = o;
+        } else {
+            let prev: u64 = read(tb, pl.tb_next)?;
+            if slot(tr, c).nframes > 0 && slot(tr, c).last_tb == prev {
+                idx = c;
+            } else if slot(tr, o).nframes > 0 && slot(tr, o).last_tb == prev {
+                idx = o;
+            }
+        }
+    }
+    if idx == NONE_SLOT {
         // A new exception: it takes the slot that does not hold the leader (an exception
         // that escaped into uWSGI leads whatever its depth: 3.13 prints it with Python code
         // that raises and catches on its own).
         let (sc, so) = (slot(tr, c), slot(tr, o));
         let keep_c = if sc.escaped != so.escaped { sc.escaped != 0 } else { sc.nframes > so.nframes };
-        let n = if keep_c { o } else { c };
-        let s = slot_mut(tr, n);
+        idx = if keep_c { o } else { c };
+        let s = slot_mut(tr, idx);
         s.nframes = 0;
         s.described = 0;
         s.escaped = 0;
@@ -471,8 +510,7 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
         s.msg_kind = 0;
         s.msg_from = 0;
         s.type_name[0] = 0;
-        n
-    };
+    }
     tr.cur = idx;
     let rival = slot(tr, idx ^ 1).nframes;
     let rival_escaped = slot(tr, idx ^ 1).escaped != 0;
@@ -484,9 +522,11 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     s.nframes += 1;
     s.last_tb = tb;
     s.value = value;
-    // Read type and message once, when this exception takes the lead: the objects are alive
-    // now (they are the thread's current exception) but may be gone by the request's end.
-    if s.described == 0 && s.nframes > rival && !rival_escaped {
+    // Read type and message once, when this exception leads and is deep enough to be a
+    // request's error (control-flow exceptions unwind 1-2 frames; a view's error reaches
+    // the framework's handler at 3 or more; an escaped one is read at PyErr_Display): the
+    // objects are alive now (the thread's current exception), maybe not at the request's end.
+    if s.described == 0 && s.nframes >= DESCRIBE_AT && s.nframes > rival && !rival_escaped {
         s.described = 1;
         describe(s, pl, etype, value);
     }

@@ -540,7 +540,8 @@ const FRAMEWORK_HANDLERS: [(&str, &str); 2] =
     [("/flask/app.py", "wsgi_app"), ("/django/core/handlers/exception.py", "inner")];
 
 /// Frames an exception must unwind to count as the request's error in other frameworks:
-/// control-flow exceptions measured in Flask and Django unwound at most 2.
+/// control-flow exceptions measured in Flask and Django unwound at most 2. (The kernel
+/// does not even send an exception of fewer than 3 frames unless it escaped.)
 pub const GENERIC_MIN_FRAMES: usize = 4;
 
 /// Whether this looks like a class name CPython would print (`tp_name`: bare or dotted).

@@ -131,11 +131,9 @@ fn flask_cases(build: Build, tag: &str) {
         }
     }
     assert_eq!(summary["exceptions_reported"], 3, "{summary}");
-    assert_eq!(
-        summary["exceptions_unresolved"],
-        serde_json::json!({"no exception failed the request (only control-flow ones)": 1}),
-        "{summary}"
-    );
+    // The view that returns a 500 by itself raised only control-flow exceptions (<= 2
+    // frames): the kernel sends nothing for it.
+    assert_eq!(summary["exceptions_unresolved"], serde_json::json!({}), "{summary}");
     assert_eq!(summary["lost_exceptions_ring_full"], 0);
     assert_eq!(summary["py_read_errors"], 0);
     assert!(summary["py_frames_unwound"].as_u64().unwrap() > 3 * 2 + 5, "{summary}");
