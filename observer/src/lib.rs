@@ -162,6 +162,7 @@ struct Session {
     /// tid -> the uWSGI core it served last (a second core on one thread means async).
     tid_core: HashMap<u32, i32>,
     calls: calls::Calls,
+    resolver: python::Resolver,
     /// Wall clock minus monotonic clock, in ns (kernel timestamps are monotonic).
     wall_offset_ns: i64,
 }
@@ -224,6 +225,7 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         async_workers: HashMap::new(),
         tid_core: HashMap::new(),
         calls: calls::Calls::new(opts.sql_literals),
+        resolver: python::Resolver::default(),
         wall_offset_ns: 0,
     };
     for (root, target) in &found {
@@ -480,7 +482,7 @@ impl Session {
             unresolved(&mut self.summary, "no interpreter layout");
             return None;
         };
-        match python::resolve(&exc.exc, t, ev.tgid) {
+        match self.resolver.resolve(&exc.exc, t, ev.tgid) {
             Ok(e) => {
                 st.py_valid += 1;
                 self.summary.exceptions_reported += 1;
@@ -543,6 +545,7 @@ impl Session {
                 self.summary.exits += 1;
                 self.async_workers.remove(&ev.pid);
                 self.calls.forget_pid(ev.pid);
+                self.resolver.forget_pid(ev.pid);
                 self.decoder.forget_pid(ev.pid);
                 self.forget_instance(ev.pid);
                 self.workers.remove(&ev.pid);

@@ -491,7 +491,7 @@ impl PyException {
     }
 
     /// The text `traceback.format_exc()` would give (without source-range carets).
-    pub fn traceback_text(&self, source_line: impl Fn(&str, i32) -> Option<String>) -> String {
+    pub fn traceback_text(&self, mut source_line: impl FnMut(&str, i32) -> Option<String>) -> String {
         let mut out = String::from("Traceback (most recent call last):\n");
         for (i, f) in self.frames.iter().enumerate() {
             if i == 1 && self.frames_omitted > 0 {
@@ -621,64 +621,137 @@ impl Mem {
     }
 }
 
-/// Resolves one frame: the code object must be of `PyCode_Type`.
-pub fn resolve_frame(mem: &Mem, t: &PyTarget, code: u64, lasti: i32) -> Option<Frame> {
-    let cl = &t.layouts.code;
-    if mem.u64(code + 8)? != t.code_type {
-        return None;
-    }
-    let file = mem.str_obj(mem.u64(code + cl.filename)?, cl, 1024)?;
-    let func = mem.str_obj(mem.u64(code + cl.name)?, cl, 256)?;
-    let first = mem.i32(code + cl.firstlineno)?;
-    let table = mem.bytes_obj(mem.u64(code + cl.linetable)?, 1 << 16)?;
-    Some(Frame { file, line: line_for(cl.table, &table, first, lasti), function: func })
+/// What a code object resolves to, kept with the pointers it was read from.
+struct CodeInfo {
+    /// The pointers it was read from (file name, name, line table) and the first line: a
+    /// cached entry is used only while they are unchanged (the rest of the head, reference
+    /// count and warm-up counters, changes all the time).
+    key: [u64; 4],
+    file: String,
+    function: String,
+    first_line: i32,
+    table: Vec<u8>,
 }
 
-/// Turns a kernel exception record into a resolved exception.
-pub fn resolve(slot: &ExcSlot, t: &PyTarget, pid: u32) -> Result<PyException, Unresolved> {
-    let type_name = cstr(&slot.type_name);
-    if !plausible_type_name(&type_name) {
-        return Err(Unresolved::TypeName);
+/// Bytes at the start of a code object that cover every field read from it.
+const CODE_HEAD: usize = 160;
+/// Entries kept per cache before it is cleared (bounded memory).
+const CACHE_MAX: usize = 512;
+
+/// Resolves exception records, with caches: failed requests often repeat the same frames.
+#[derive(Default)]
+pub struct Resolver {
+    mems: std::collections::HashMap<u32, Mem>,
+    codes: std::collections::HashMap<(u32, u64), CodeInfo>,
+    /// Source files by the path we read them at, split into lines.
+    sources: std::collections::HashMap<String, Option<std::sync::Arc<Vec<String>>>>,
+}
+
+impl Resolver {
+    /// Forgets a process (its memory and addresses).
+    pub fn forget_pid(&mut self, pid: u32) {
+        self.mems.remove(&pid);
+        self.codes.retain(|(p, _), _| *p != pid);
     }
-    let mem = Mem::open(pid).ok_or(Unresolved::Gone)?;
-    let kept = (slot.nframes as usize).min(PY_FRAMES);
-    let mut frames = Vec::with_capacity(kept);
-    // The kernel keeps the innermost frames first, and the outermost in the last slot once
-    // there are more; Python prints the outermost first.
-    for f in slot.frames[..kept].iter().rev() {
-        frames.push(resolve_frame(&mem, t, f.code, f.lasti).ok_or(Unresolved::Code)?);
+
+    /// Turns a kernel exception record into a resolved exception.
+    pub fn resolve(&mut self, slot: &ExcSlot, t: &PyTarget, pid: u32) -> Result<PyException, Unresolved> {
+        let type_name = cstr(&slot.type_name);
+        if !plausible_type_name(&type_name) {
+            return Err(Unresolved::TypeName);
+        }
+        if !self.mems.contains_key(&pid) {
+            let m = Mem::open(pid).ok_or(Unresolved::Gone)?;
+            self.mems.insert(pid, m);
+        }
+        let kept = (slot.nframes as usize).min(PY_FRAMES);
+        let mut frames = Vec::with_capacity(kept);
+        // The kernel keeps the innermost frames first, and the outermost in the last slot
+        // once there are more; Python prints the outermost first.
+        for f in slot.frames[..kept].iter().rev() {
+            frames.push(self.frame(t, pid, f.code, f.lasti).ok_or(Unresolved::Code)?);
+        }
+        let mut e = PyException {
+            message: message_text(slot, &type_name),
+            type_name,
+            frames,
+            frames_omitted: slot.nframes.saturating_sub(PY_FRAMES as u32),
+            escaped: slot.escaped != 0,
+            traceback: String::new(),
+        };
+        if !e.failed_request() {
+            return Err(Unresolved::Handled);
+        }
+        e.traceback = e.traceback_text(|f, l| self.source_line(pid, f, l));
+        Ok(e)
     }
-    let mut e = PyException {
-        message: message_text(slot, &type_name),
-        type_name,
-        frames,
-        frames_omitted: slot.nframes.saturating_sub(PY_FRAMES as u32),
-        escaped: slot.escaped != 0,
-        traceback: String::new(),
-    };
-    if !e.failed_request() {
-        return Err(Unresolved::Handled);
+
+    /// One frame: the code object must be of `PyCode_Type`; its strings and line table are
+    /// read once and reused while the object's head is unchanged.
+    fn frame(&mut self, t: &PyTarget, pid: u32, code: u64, lasti: i32) -> Option<Frame> {
+        let mem = self.mems.get(&pid)?;
+        let cl = &t.layouts.code;
+        let head = mem.bytes(code, CODE_HEAD)?;
+        let at = |off: u64| u64::from_le_bytes(head[off as usize..off as usize + 8].try_into().unwrap_or([0; 8]));
+        if at(8) != t.code_type {
+            return None;
+        }
+        let first_line =
+            i32::from_le_bytes(head[cl.firstlineno as usize..cl.firstlineno as usize + 4].try_into().ok()?);
+        let key = [at(cl.filename), at(cl.name), at(cl.linetable), first_line as u64];
+        let fresh = match self.codes.get(&(pid, code)) {
+            Some(c) => c.key != key,
+            None => true,
+        };
+        if fresh {
+            let info = CodeInfo {
+                file: mem.str_obj(key[0], cl, 1024)?,
+                function: mem.str_obj(key[1], cl, 256)?,
+                first_line,
+                table: mem.bytes_obj(key[2], 1 << 16)?,
+                key,
+            };
+            if self.codes.len() >= CACHE_MAX {
+                self.codes.clear();
+            }
+            self.codes.insert((pid, code), info);
+        }
+        let c = self.codes.get(&(pid, code))?;
+        Some(Frame {
+            file: c.file.clone(),
+            line: line_for(cl.table, &c.table, c.first_line, lasti),
+            function: c.function.clone(),
+        })
     }
-    e.traceback = e.traceback_text(|f, l| source_line(pid, f, l));
-    Ok(e)
+
+    /// Line `line` of a source file as the target sees it, stripped (like the traceback
+    /// module). A relative name (`uwsgi --wsgi-file app.py`) is relative to the process's
+    /// directory.
+    fn source_line(&mut self, pid: u32, file: &str, line: i32) -> Option<String> {
+        if line < 1 || file.starts_with('<') {
+            return None;
+        }
+        let path =
+            if file.starts_with('/') { format!("/proc/{pid}/root{file}") } else { format!("/proc/{pid}/cwd/{file}") };
+        if self.sources.len() >= CACHE_MAX && !self.sources.contains_key(&path) {
+            self.sources.clear();
+        }
+        let lines = self
+            .sources
+            .entry(path)
+            .or_insert_with_key(|p| {
+                fs::read_to_string(p)
+                    .ok()
+                    .map(|t| std::sync::Arc::new(t.lines().map(|l| l.trim().to_string()).collect()))
+            })
+            .clone()?;
+        lines.get(line as usize - 1).filter(|l| !l.is_empty()).cloned()
+    }
 }
 
 fn cstr(b: &[u8]) -> String {
     let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..n]).into_owned()
-}
-
-/// Line `line` of a source file as the target sees it, stripped (like the traceback module).
-pub fn source_line(pid: u32, file: &str, line: i32) -> Option<String> {
-    if line < 1 || file.starts_with('<') {
-        return None;
-    }
-    // A relative name (`uwsgi --wsgi-file app.py`) is relative to the process's directory.
-    let path =
-        if file.starts_with('/') { format!("/proc/{pid}/root{file}") } else { format!("/proc/{pid}/cwd/{file}") };
-    let text = fs::read_to_string(path).ok()?;
-    let l = text.lines().nth(line as usize - 1)?.trim();
-    (!l.is_empty()).then(|| l.to_string())
 }
 
 #[cfg(test)]
