@@ -660,9 +660,8 @@ impl Resolver {
         if !plausible_type_name(&type_name) {
             return Err(Unresolved::TypeName);
         }
-        if !self.mems.contains_key(&pid) {
-            let m = Mem::open(pid).ok_or(Unresolved::Gone)?;
-            self.mems.insert(pid, m);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.mems.entry(pid) {
+            e.insert(Mem::open(pid).ok_or(Unresolved::Gone)?);
         }
         let kept = (slot.nframes as usize).min(PY_FRAMES);
         let mut frames = Vec::with_capacity(kept);
