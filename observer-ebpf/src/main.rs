@@ -17,6 +17,7 @@ use aya_ebpf::{
     macros::{map, tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, TracePointContext},
+    EbpfContext as _,
 };
 use observer_common::*;
 
@@ -59,8 +60,10 @@ static EXC: LruHashMap<u32, ExcTrack> = LruHashMap::with_max_entries(MAX_EXC_THR
 #[map(name = "EXC_ZERO")]
 static EXC_ZERO: PerCpuArray<ExcTrack> = PerCpuArray::with_max_entries(1, 0);
 
+/// A plain (preallocated) hash: cheaper than an LRU, and every entry is removed at the
+/// syscall's exit, so it cannot fill up with stale ones.
 #[map(name = "RECV_ARGS")]
-static RECV_ARGS: LruHashMap<u32, RecvArgs> = LruHashMap::with_max_entries(MAX_EXC_THREADS, 0);
+static RECV_ARGS: HashMap<u32, RecvArgs> = HashMap::with_max_entries(MAX_EXC_THREADS, 0);
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// Pending bytes in EVENTS that justify waking the reader (about 20 request records).
@@ -775,6 +778,15 @@ const ARG1: usize = 24;
 const ARG2: usize = 32;
 const RET: usize = 16;
 
+/// A u64 slot of a tracepoint record, read directly (tracepoint programs may read their
+/// context without a helper call).
+#[inline(always)]
+fn tp_u64(ctx: &TracePointContext, off: usize) -> u64 {
+    // SAFETY: `off` is inside the syscall record (checked against tracefs by userspace),
+    // 8-aligned, and the verifier bounds context reads.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const u64) }
+}
+
 #[inline(always)]
 fn tracked_thread() -> Option<(u32, u32)> {
     let (tgid, tid) = tgid_tid();
@@ -794,14 +806,7 @@ fn submit_wake<T>(e: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
 #[tracepoint]
 pub fn sys_connect(ctx: TracePointContext) -> u32 {
     let Some((tgid, tid)) = tracked_thread() else { return 0 };
-    // SAFETY: offsets of this tracepoint's record (see above).
-    let (fd, addr, alen) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG0).unwrap_or(0),
-            ctx.read_at::<u64>(ARG1).unwrap_or(0),
-            ctx.read_at::<u64>(ARG2).unwrap_or(0),
-        )
-    };
+    let (fd, addr, alen) = (tp_u64(&ctx, ARG0), tp_u64(&ctx, ARG1), tp_u64(&ctx, ARG2));
     emit_call(CallAction::Connect, tgid, tid, fd as i32, addr, if alen > 28 { 28 } else { alen }, alen);
     0
 }
@@ -810,14 +815,7 @@ pub fn sys_connect(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_sendto(ctx: TracePointContext) -> u32 {
     let Some((tgid, tid)) = tracked_thread() else { return 0 };
-    // SAFETY: as above.
-    let (fd, buf, len) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG0).unwrap_or(0),
-            ctx.read_at::<u64>(ARG1).unwrap_or(0),
-            ctx.read_at::<u64>(ARG2).unwrap_or(0),
-        )
-    };
+    let (fd, buf, len) = (tp_u64(&ctx, ARG0), tp_u64(&ctx, ARG1), tp_u64(&ctx, ARG2));
     emit_call(CallAction::Send, tgid, tid, fd as i32, buf, len, len);
     0
 }
@@ -848,10 +846,7 @@ fn emit_call(action: CallAction, tgid: u32, tid: u32, fd: i32, src: u64, take: u
 #[tracepoint]
 pub fn sys_recvfrom(ctx: TracePointContext) -> u32 {
     let Some((_, tid)) = tracked_thread() else { return 0 };
-    // SAFETY: as above.
-    let args = unsafe {
-        RecvArgs { fd: ctx.read_at::<u64>(ARG0).unwrap_or(0) as i64, buf: ctx.read_at::<u64>(ARG1).unwrap_or(0) }
-    };
+    let args = RecvArgs { fd: tp_u64(&ctx, ARG0) as i64, buf: tp_u64(&ctx, ARG1) };
     let _ = RECV_ARGS.insert(&tid, &args, BPF_ANY as u64);
     0
 }
@@ -863,8 +858,7 @@ pub fn sys_recvfrom_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: map lookup; copied out at once.
     let Some(args) = (unsafe { RECV_ARGS.get(&tid) }).copied() else { return 0 };
     let _ = RECV_ARGS.remove(&tid);
-    // SAFETY: offset of this tracepoint's record.
-    let ret: i64 = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret = tp_u64(&ctx, RET) as i64;
     if ret <= 0 {
         return 0;
     }
