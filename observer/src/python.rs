@@ -535,9 +535,13 @@ pub enum Unresolved {
     Handled,
 }
 
-/// Functions in which frameworks catch a view's exception and turn it into a 500.
-const FRAMEWORK_HANDLERS: [(&str, &str); 2] =
-    [("/flask/app.py", "wsgi_app"), ("/django/core/handlers/exception.py", "inner")];
+/// Functions in which frameworks catch a view's exception and turn it into a 500 (Flask's
+/// `full_dispatch_request` when an errorhandler answers for it, `wsgi_app` otherwise).
+const FRAMEWORK_HANDLERS: [(&str, &str); 3] = [
+    ("/flask/app.py", "wsgi_app"),
+    ("/flask/app.py", "full_dispatch_request"),
+    ("/django/core/handlers/exception.py", "inner"),
+];
 
 /// Frames an exception must unwind to count as the request's error in other frameworks:
 /// control-flow exceptions measured in Flask and Django unwound at most 2. (The kernel

@@ -39,6 +39,21 @@ def caught():
     return "caught\n"
 
 
+class OutOfStock(Exception):
+    pass
+
+
+@app.errorhandler(OutOfStock)
+def out_of_stock(e):
+    """An app-level error handler: the exception becomes a 503 without reaching Flask's own."""
+    return "out of stock: %s\n" % e, 503
+
+
+@app.route("/handled")
+def handled():
+    raise OutOfStock("sku 9")
+
+
 @app.route("/upload", methods=["POST"])
 def upload():
     data = request.get_data()

@@ -65,7 +65,7 @@ fn flask_cases(build: Build, tag: &str) {
     let u = start(build, tag, "flask_app.py", &[]);
     let rx = Receiver::start();
     let obs = Observer::attach(&["--pid", &u.master_pid().to_string(), "--oap", &rx.address(), "--service", "errors"]);
-    let paths = ["/error", "/crash", "/status/500", "/caught", "/missing", "/", "/error"];
+    let paths = ["/error", "/crash", "/status/500", "/caught", "/missing", "/", "/error", "/handled"];
     for p in paths {
         curl(&u.url(p), &[]);
     }
@@ -94,6 +94,16 @@ fn flask_cases(build: Build, tag: &str) {
     );
     assert_eq!(crash["exception"]["escaped"], true);
     assert_eq!(crash["exception"]["frames"].as_array().unwrap().len(), 1);
+    // An app-level errorhandler turned it into a 503: still the exception that failed it.
+    let handled = only(&records, "/handled");
+    assert_eq!(handled["status"], 503);
+    check_exception(
+        handled,
+        "OutOfStock",
+        "sku 9",
+        &[("flask_app.py", "handled", line_of("flask_app.py", "raise OutOfStock(\"sku 9\")"))],
+        Some(("/flask/app.py", "full_dispatch_request")),
+    );
     let own500 = only(&records, "/status/500");
     assert_eq!(own500["status"], 500);
     no_exception(own500);
@@ -104,7 +114,7 @@ fn flask_cases(build: Build, tag: &str) {
 
     // The spans: isError where the status says so, a "Traceback" log exactly where an
     // exception failed the request.
-    wait_until("7 segments", Duration::from_secs(20), || rx.store.segments().len() >= paths.len());
+    wait_until("8 segments", Duration::from_secs(20), || rx.store.segments().len() >= paths.len());
     let (summary, _) = obs.stop();
     let segs = rx.store.segments();
     assert_eq!(segs.len(), paths.len());
@@ -114,15 +124,15 @@ fn flask_cases(build: Build, tag: &str) {
         // The agent's rule (and our default --error-status): 4xx and 5xx are errors.
         assert_eq!(sp.is_error, status >= 400, "{}", sp.operation_name);
         match sp.operation_name.as_str() {
-            "/error" | "/crash" => {
+            "/error" | "/crash" | "/handled" => {
                 assert_eq!(sp.logs.len(), 1, "{sp:?}");
                 let kv = &sp.logs[0].data;
                 assert_eq!(kv.len(), 1);
                 assert_eq!(kv[0].key, "Traceback");
-                let want = if sp.operation_name == "/error" {
-                    "RuntimeError: boom 42\n"
-                } else {
-                    "ValueError: escaped to uwsgi\n"
+                let want = match sp.operation_name.as_str() {
+                    "/error" => "RuntimeError: boom 42\n",
+                    "/handled" => "OutOfStock: sku 9\n",
+                    _ => "ValueError: escaped to uwsgi\n",
                 };
                 assert!(kv[0].value.ends_with(want), "{}", kv[0].value);
                 assert_eq!(sp.logs[0].time, sp.end_time);
@@ -130,7 +140,7 @@ fn flask_cases(build: Build, tag: &str) {
             _ => assert!(sp.logs.is_empty(), "{sp:?}"),
         }
     }
-    assert_eq!(summary["exceptions_reported"], 3, "{summary}");
+    assert_eq!(summary["exceptions_reported"], 4, "{summary}");
     // The view that returns a 500 by itself raised only control-flow exceptions (<= 2
     // frames): the kernel sends nothing for it.
     assert_eq!(summary["exceptions_unresolved"], serde_json::json!({}), "{summary}");
