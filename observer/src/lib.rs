@@ -33,6 +33,23 @@ use crate::{
     probes::Probes,
 };
 
+/// When the exception probes are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExceptionMode {
+    /// Always: every failed request gets its traceback; each exception frame unwound in the
+    /// app costs a probe hit, also on successful requests.
+    Always,
+    /// Only while the app is failing: the probes are attached at the first 5xx and taken
+    /// off after a quiet minute, so a healthy app pays nothing; the first failure of a
+    /// burst has no traceback.
+    OnError,
+    /// Never.
+    Off,
+}
+
+/// How long `--exceptions on-error` keeps the probes on after the last 5xx.
+const ON_ERROR_WINDOW: Duration = Duration::from_secs(60);
+
 pub struct Options {
     pub pids: Vec<u32>,
     pub pidfiles: Vec<PathBuf>,
@@ -57,8 +74,8 @@ pub struct Options {
     pub exit_spans: bool,
     /// Keep literal values in reported SQL statements.
     pub sql_literals: bool,
-    /// Read Python exceptions behind failed requests.
-    pub exceptions: bool,
+    /// When to read Python exceptions behind failed requests.
+    pub exceptions: ExceptionMode,
 }
 
 /// What one run saw and lost; printed at detach (and as a JSON line with `--format json`).
@@ -165,6 +182,9 @@ struct Session {
     resolver: python::Resolver,
     /// Wall clock minus monotonic clock, in ns (kernel timestamps are monotonic).
     wall_offset_ns: i64,
+    exception_mode: ExceptionMode,
+    /// `--exceptions on-error`: when the last 5xx was seen, per instance.
+    last_5xx: HashMap<u32, Instant>,
 }
 
 pub async fn attach(opts: Options) -> Result<Summary> {
@@ -227,11 +247,13 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         calls: calls::Calls::new(opts.sql_literals),
         resolver: python::Resolver::default(),
         wall_offset_ns: 0,
+        exception_mode: opts.exceptions,
+        last_5xx: HashMap::new(),
     };
     for (root, target) in &found {
         let slot = s.probes.attach_target(target)?;
         let py = match python::python_target(*root) {
-            _ if !opts.exceptions => None,
+            _ if opts.exceptions == ExceptionMode::Off => None,
             Ok(mut p) => {
                 p.layouts.kernel.code += opts.py_layout_shift;
                 Some(p)
@@ -245,7 +267,9 @@ pub async fn attach(opts: Options) -> Result<Summary> {
         };
         let py_slot = match &py {
             Some(p) => {
-                s.probes.attach_python(p)?;
+                if opts.exceptions == ExceptionMode::Always {
+                    s.probes.attach_python(p)?;
+                }
                 s.probes.py_slot(p)?
             }
             None => LAYOUT_NONE,
@@ -293,7 +317,8 @@ pub async fn attach(opts: Options) -> Result<Summary> {
             target.version, target.display
         );
         if let Some(p) = &py {
-            eprintln!("observer: instance {root}: Python {} exceptions from {}", p.version, p.display);
+            let when = if opts.exceptions == ExceptionMode::OnError { " (probes armed at the first 5xx)" } else { "" };
+            eprintln!("observer: instance {root}: Python {} exceptions from {}{when}", p.version, p.display);
         }
     }
     // Loading parsed the kernel's BTF (tens of MB, now freed): give that memory back.
@@ -335,6 +360,9 @@ impl Session {
                     self.probes.flush_logs();
                     if ticks.is_multiple_of(5) {
                         self.report_new_drops();
+                        if self.exception_mode == ExceptionMode::OnError {
+                            self.disarm_quiet();
+                        }
                     }
                     if ticks.is_multiple_of(5) && !self.pending_exec.is_empty() {
                         self.resolve_pending();
@@ -427,6 +455,9 @@ impl Session {
                 r.exception = self.exception_for(ev, &exc);
             }
         }
+        if self.exception_mode == ExceptionMode::OnError && r.status >= 500 {
+            self.arm_exceptions(ev.instance);
+        }
         let attribute = !self.is_async(ev);
         r.calls = self.calls.take_for_request(ev.tgid, ev.tid, ev.start_us, self.wall_offset_ns, attribute);
         let st = self.instances.entry(ev.instance).or_default();
@@ -451,6 +482,40 @@ impl Session {
         }
         let res = self.printer.request(&r);
         self.output_result(res);
+    }
+
+    /// `--exceptions on-error`: a 5xx puts the exception probes on for the next minute.
+    fn arm_exceptions(&mut self, instance: u32) {
+        self.last_5xx.insert(instance, Instant::now());
+        let Some(p) = self.instances.get(&instance).and_then(|s| s.py.clone()) else { return };
+        if !self.probes.python_attached(&p) {
+            match self.probes.attach_python(&p) {
+                Ok(()) => eprintln!("observer: instance {instance}: a 5xx: exception probes on"),
+                Err(e) => eprintln!("observer: warning: instance {instance}: {e:#}"),
+            }
+        }
+    }
+
+    /// `--exceptions on-error`: probes off for instances quiet for a minute.
+    fn disarm_quiet(&mut self) {
+        let quiet: Vec<u32> =
+            self.last_5xx.iter().filter(|(_, t)| t.elapsed() >= ON_ERROR_WINDOW).map(|(i, _)| *i).collect();
+        for instance in quiet {
+            self.last_5xx.remove(&instance);
+            if let Some(p) = self.instances.get(&instance).and_then(|s| s.py.clone()) {
+                // Libraries may be shared by instances: keep the probes while any is failing.
+                let shared = self.last_5xx.keys().any(|i| {
+                    self.instances.get(i).and_then(|s| s.py.as_ref()).is_some_and(|q| (q.dev, q.ino) == (p.dev, p.ino))
+                });
+                if !shared && self.probes.python_attached(&p) {
+                    self.probes.detach_python(&p);
+                    eprintln!(
+                        "observer: instance {instance}: no 5xx for {}s: exception probes off",
+                        ON_ERROR_WINDOW.as_secs()
+                    );
+                }
+            }
+        }
     }
 
     /// Whether the request's worker runs several requests per thread (gevent, async): from
@@ -591,7 +656,9 @@ impl Session {
                 let py = if had_py { python::python_target(pid).ok() } else { None };
                 let (py_slot, runtime) = match &py {
                     Some(p) => {
-                        self.probes.attach_python(p)?;
+                        if self.exception_mode == ExceptionMode::Always || self.last_5xx.contains_key(&t.instance) {
+                            self.probes.attach_python(p)?;
+                        }
                         (self.probes.py_slot(p)?, p.runtime)
                     }
                     None => (LAYOUT_NONE, 0),

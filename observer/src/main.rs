@@ -83,8 +83,12 @@ enum Cmd {
         /// (their syscall tracepoints then stay detached).
         #[arg(long)]
         no_exit_spans: bool,
-        /// Do not read Python exceptions (the libpython probes stay detached); failed
-        /// requests are then errors by their status only.
+        /// When to read the Python exception behind a failed request: `always`; `on-error`
+        /// (probes on from the first 5xx until a minute without one: a healthy app pays
+        /// nothing, the first failure of a burst has no traceback); `off`.
+        #[arg(long, value_enum, default_value = "always")]
+        exceptions: observer::ExceptionMode,
+        /// Same as `--exceptions off`.
         #[arg(long)]
         no_exceptions: bool,
         /// Keep literal values in db.statement (by default they are replaced with `?`).
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
         flush_secs,
         summary_file,
         no_exit_spans,
+        exceptions,
         no_exceptions,
         sql_literals,
     } = cli.cmd;
@@ -176,7 +181,7 @@ fn main() -> ExitCode {
         error_status,
         summary_file,
         exit_spans: !no_exit_spans,
-        exceptions: !no_exceptions,
+        exceptions: if no_exceptions { observer::ExceptionMode::Off } else { exceptions },
         sql_literals,
     })) {
         Ok(_) => ExitCode::SUCCESS,

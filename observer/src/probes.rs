@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
@@ -149,8 +149,8 @@ pub struct Probes {
     layout_slots: Vec<ReqLayout>,
     pylayouts: Array<MapData, PyLayout>,
     py_slots: Vec<PyLayout>,
-    /// Interpreter libraries carrying the exception probes, by (dev, ino).
-    py_files: StdHashMap<(u64, u64), String>,
+    /// Interpreter libraries carrying the exception probes, by (dev, ino), with their links.
+    py_files: StdHashMap<(u64, u64), Vec<(&'static str, UProbeLinkId)>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -274,13 +274,40 @@ impl Probes {
         if self.py_files.contains_key(&(t.dev, t.ino)) {
             return Ok(());
         }
+        let mut links = Vec::new();
         for (prog, sym) in PY_PROBES {
             let up: &mut UProbe = self.ebpf.program_mut(prog).context(prog)?.try_into()?;
-            up.attach([UProbeAttachLocation::Symbol(sym)], &t.path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching uprobe {sym} in {}", t.display))?;
+            match up.attach([UProbeAttachLocation::Symbol(sym)], &t.path, UProbeScope::AllProcesses) {
+                Ok(id) => links.push((prog, id)),
+                Err(e) => {
+                    self.detach_links(links);
+                    return Err(e).with_context(|| format!("attaching uprobe {sym} in {}", t.display));
+                }
+            }
         }
-        self.py_files.insert((t.dev, t.ino), t.display.clone());
+        self.py_files.insert((t.dev, t.ino), links);
         Ok(())
+    }
+
+    /// Takes the exception probes off an interpreter library (`--exceptions on-error`).
+    pub fn detach_python(&mut self, t: &PyTarget) {
+        if let Some(links) = self.py_files.remove(&(t.dev, t.ino)) {
+            self.detach_links(links);
+        }
+    }
+
+    pub fn python_attached(&self, t: &PyTarget) -> bool {
+        self.py_files.contains_key(&(t.dev, t.ino))
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (prog, id) in links {
+            if let Some(p) = self.ebpf.program_mut(prog) {
+                if let Ok(up) = <&mut UProbe>::try_from(p) {
+                    let _ = up.detach(id);
+                }
+            }
+        }
     }
 
     pub fn track(&mut self, pid: u32, t: Tracked) -> Result<()> {

@@ -353,3 +353,29 @@ fn wrong_interpreter_layout_never_gives_a_traceback() {
     assert_eq!(unresolved, 3, "{summary}");
     assert_eq!(stderr.matches("did not validate on live data").count(), 1, "{stderr}");
 }
+
+/// `--exceptions on-error`: no exception probe while the app is healthy; the first 5xx
+/// turns them on (that request is an error by status only), later failures carry their
+/// traceback.
+#[test]
+fn exceptions_on_error_mode() {
+    require_root();
+    let u = start(Build::Pip, "exc-onerror", "flask_app.py", &[]);
+    let obs = Observer::attach(&["--pid", &u.master_pid().to_string(), "--exceptions", "on-error"]);
+    assert!(obs.stderr().contains("(probes armed at the first 5xx)"), "{}", obs.stderr());
+    for _ in 0..3 {
+        curl(&u.url("/"), &[]);
+    }
+    curl(&u.url("/error"), &[]);
+    wait_until("exception probes on", Duration::from_secs(10), || obs.stderr().contains("a 5xx: exception probes on"));
+    curl(&u.url("/error"), &[]);
+    let records = obs.wait_requests(5);
+    let (summary, stderr) = obs.stop();
+    let errors: Vec<&Value> = records.iter().filter(|r| r["path"] == "/error").collect();
+    assert_eq!(errors.len(), 2);
+    no_exception(errors[0]);
+    let raise = line_of("flask_app.py", "raise RuntimeError(\"boom 42\")");
+    check_exception(errors[1], "RuntimeError", "boom 42", &[("flask_app.py", "error", raise)], None);
+    assert_eq!(summary["exceptions_reported"], 1, "{summary}");
+    assert_eq!(stderr.matches("exception probes on").count(), 1, "{stderr}");
+}
