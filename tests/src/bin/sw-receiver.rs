@@ -29,15 +29,22 @@ fn main() {
         for seg in &s[segs..] {
             let sp = &seg.spans[0];
             println!(
-                "segment service={} instance={} trace={} op={} peer={} error={} tags={:?}",
+                "segment service={} instance={} trace={} op={} peer={} error={} tags={:?}{}",
                 seg.service,
                 seg.service_instance,
                 seg.trace_id,
                 sp.operation_name,
                 sp.peer,
                 sp.is_error,
-                sp.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect::<Vec<_>>()
+                sp.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect::<Vec<_>>(),
+                if sp.logs.is_empty() { "" } else { " +Traceback log" }
             );
+            for x in &seg.spans[1..] {
+                println!(
+                    "  exit span {} parent={} op={} peer={} component={} error={}",
+                    x.span_id, x.parent_span_id, x.operation_name, x.peer, x.component_id, x.is_error
+                );
+            }
         }
         segs = s.len();
         let p = rx.store.properties();
