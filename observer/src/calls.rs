@@ -759,14 +759,7 @@ mod tests {
         let mut seed = 0x9E3779B97F4A7C15u64;
         for n in 0..3000usize {
             let len = n % 70;
-            let mut data: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let mut data = crate::junk_bytes(&mut seed, len);
             if n % 5 == 0 && !data.is_empty() {
                 data[0] = [b'*', b'Q', b'P', b'G', 3][n % 5];
             }

@@ -13,6 +13,19 @@ pub mod python;
 pub mod spans;
 pub mod targets;
 
+/// Deterministic junk (xorshift64) for the parsers' fuzz-style unit tests.
+#[cfg(test)]
+pub(crate) fn junk_bytes(seed: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::Write,

@@ -862,14 +862,7 @@ mod tests {
         let mut seed = 0x2545F4914F6CDD1Du64;
         for n in 0..2000i32 {
             let len = (n % 97) as usize;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let data = crate::junk_bytes(&mut seed, len);
             for t in [LineTable::Lnotab, LineTable::V310, LineTable::V311] {
                 let _ = line_for(t, &data, 1, n % 300);
             }

@@ -22,6 +22,21 @@ fn start(build: Build, tag: &str, file: &str, extra: &[&str]) -> Uwsgi {
     Uwsgi::start_app(build, tag, &args, Ready::Port(port), file, "application")
 }
 
+/// Attaches to `u`, requests `paths` in order, detaches: the request records and the summary.
+fn run_paths(u: &Uwsgi, extra: &[&str], paths: &[&str]) -> (Vec<Value>, Value) {
+    let master = u.master_pid().to_string();
+    let mut args = vec!["--pid", master.as_str()];
+    args.extend_from_slice(extra);
+    let obs = Observer::attach(&args);
+    for p in paths {
+        curl(&u.url(p), &[]);
+    }
+    let records = obs.wait_requests(paths.len());
+    let (summary, _) = obs.stop();
+    assert_eq!(records.len(), paths.len(), "{records:#?}");
+    (records, summary)
+}
+
 fn only<'a>(records: &'a [Value], path: &str) -> &'a Value {
     let m: Vec<&Value> = records.iter().filter(|r| r["path"] == path).collect();
     assert_eq!(m.len(), 1, "one record for {path}: {records:#?}");
@@ -168,13 +183,7 @@ fn debian_flask_exceptions() {
 fn pip_django_exceptions() {
     require_root();
     let u = start(Build::Pip, "exc-django", "django_app.py", &[]);
-    let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
-    for p in ["/error", "/caught", "/"] {
-        curl(&u.url(p), &[]);
-    }
-    let records = obs.wait_requests(3);
-    let (summary, _) = obs.stop();
-    assert_eq!(records.len(), 3);
+    let (records, summary) = run_paths(&u, &[], &["/error", "/caught", "/"]);
     let f = "django_app.py";
     let e = only(&records, "/error");
     assert_eq!(e["status"], 500);
@@ -195,33 +204,35 @@ fn pip_django_exceptions() {
     assert_eq!(summary["exceptions_reported"], 1, "{summary}");
 }
 
+/// bare_wsgi.py's /error: ValueError("bare 7") raised in helper(), called by the callable,
+/// escaped into uWSGI: exactly those two frames.
+fn check_bare_exception(r: &Value) {
+    let f = "bare_wsgi.py";
+    check_exception(
+        r,
+        "ValueError",
+        "bare 7",
+        &[
+            (f, "application", line_of(f, "        helper()")),
+            (f, "helper", line_of(f, "raise ValueError(\"bare 7\")")),
+        ],
+        Some((f, "application")),
+    );
+    assert_eq!(r["exception"]["frames"].as_array().unwrap().len(), 2);
+    assert_eq!(r["exception"]["escaped"], true);
+}
+
 /// A bare WSGI callable whose exception escapes into uWSGI.
 #[test]
 fn pip_bare_wsgi_exception() {
     require_root();
     let u = start(Build::Pip, "exc-bare", "bare_wsgi.py", &[]);
-    let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
-    for p in ["/error", "/", "/error"] {
-        curl(&u.url(p), &[]);
-    }
-    let records = obs.wait_requests(3);
-    let (summary, _) = obs.stop();
-    let f = "bare_wsgi.py";
+    let (records, summary) = run_paths(&u, &[], &["/error", "/", "/error"]);
     let errors: Vec<&Value> = records.iter().filter(|r| r["path"] == "/error").collect();
     assert_eq!(errors.len(), 2);
     for r in errors {
         assert_eq!(r["status"], 500);
-        check_exception(
-            r,
-            "ValueError",
-            "bare 7",
-            &[
-                (f, "application", line_of(f, "        helper()")),
-                (f, "helper", line_of(f, "raise ValueError(\"bare 7\")")),
-            ],
-            Some((f, "application")),
-        );
-        assert_eq!(r["exception"]["frames"].as_array().unwrap().len(), 2);
+        check_bare_exception(r);
     }
     no_exception(only(&records, "/"));
     assert_eq!(summary["exceptions_reported"], 2, "{summary}");
@@ -264,12 +275,7 @@ fn pip_threads_exceptions() {
 fn pip_gevent_exceptions_not_attributed() {
     require_root();
     let u = start(Build::Pip, "exc-gevent", "flask_app.py", &["--gevent", "50", "--gevent-monkey-patch"]);
-    let obs = Observer::attach(&["--pid", &u.master_pid().to_string()]);
-    for p in ["/error", "/", "/error"] {
-        curl(&u.url(p), &[]);
-    }
-    let records = obs.wait_requests(3);
-    let (summary, _) = obs.stop();
+    let (records, summary) = run_paths(&u, &[], &["/error", "/", "/error"]);
     for r in &records {
         no_exception(r);
     }
@@ -308,16 +314,7 @@ fn other_python_versions() {
         let records = obs.wait_requests(3);
         let (summary, _) = obs.stop();
         for r in records.iter().filter(|r| r["path"] == "/error") {
-            check_exception(
-                r,
-                "ValueError",
-                "bare 7",
-                &[
-                    (f, "application", line_of(f, "        helper()")),
-                    (f, "helper", line_of(f, "raise ValueError(\"bare 7\")")),
-                ],
-                Some((f, "application")),
-            );
+            check_bare_exception(r);
         }
         no_exception(only(&records, "/"));
         assert_eq!(summary["exceptions_reported"], 2, "{minor}: {summary}");
