@@ -79,6 +79,14 @@ fn bump(stat: Stat) {
     }
 }
 
+/// Submit flags: wake the reader only once a batch has piled up. One wakeup per event would
+/// cost the reader (and the CPU the app shares with it) far more than the event itself; the
+/// reader also drains on a short timer, so a quiet ring still reaches it promptly.
+#[inline(always)]
+fn wake_flags() -> u64 {
+    (if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }) as u64
+}
+
 #[inline(always)]
 fn tgid_tid() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
@@ -162,8 +170,8 @@ extern "C" fn scan_one(i: u64, ctx: *mut c_void) -> i64 {
     let Some(iov) = SCRATCH.get_ptr(0) else { return 1 };
     // SAFETY: per-CPU map value, filled by the caller just before the loop.
     let iov = unsafe { &*iov };
-    let kptr = u64::from_ne_bytes(slice8(iov, i * 32));
-    let klen = u64::from_ne_bytes(slice8(iov, i * 32 + 8));
+    let kptr = u64::from_ne_bytes(pick(iov, i * 32));
+    let klen = u64::from_ne_bytes(pick(iov, i * 32 + 8));
     let slot = match klen {
         8 if key_is(kptr, K_SW8) => 0,
         20 if key_is(kptr, K_CORR) => 1,
@@ -220,51 +228,43 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
     if req == 0 {
         return Ok(());
     }
-    // Exceptions unwound on this thread during the request: for a failed request, send
-    // the one that went furthest, ahead of the request record (so userspace has it first).
-    if let Some(tr) = EXC.get_ptr(&tid) {
-        if read::<i32>(req, layout.status).unwrap_or(0) >= 500 {
-            // SAFETY: map value pointer, valid for this run.
-            send_exception(unsafe { &*tr }, tgid, tid, tracked.instance, req);
-        }
-        // Reset in place: cheaper than a delete and a fresh insert on the next exception.
-        if let Some(tr) = EXC.get_ptr_mut(&tid) {
-            // SAFETY: map value pointer, valid for this run.
-            let tr = unsafe { &mut *tr };
-            tr.cur = 0;
-            tr.slots[0].nframes = 0;
-            tr.slots[0].escaped = 0;
-            tr.slots[1].nframes = 0;
-            tr.slots[1].escaped = 0;
-        }
-    }
-    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-        bump(Stat::RingFull);
-        return Ok(());
-    };
-    let ev = entry.as_mut_ptr();
     let mut flags = 0u32;
     // Claim this CPU's scratch buffers (HEAD, SCRATCH). Uprobe programs run with migration,
     // not preemption, disabled: another run on this CPU may reuse the buffers meanwhile.
     // It would leave its own token here, and this record is then flagged, never mixed.
     // SAFETY: helper with no preconditions.
     let token = unsafe { bpf_ktime_get_ns() } | 1;
-    let Some(owner) = OWNER.get_ptr_mut(0) else {
-        entry.discard(0);
-        return Ok(());
-    };
+    let owner = OWNER.get_ptr_mut(0).ok_or(0i64)?;
     // SAFETY: per-CPU u64 slot.
     unsafe { core::ptr::write_volatile(owner, token) };
     // One read of the struct's head instead of one per field: each user-memory read costs
     // far more than picking fields out of a copy.
-    let Some(head) = HEAD.get_ptr_mut(0) else {
-        entry.discard(0);
-        return Ok(());
-    };
+    let head = HEAD.get_ptr_mut(0).ok_or(0i64)?;
     // SAFETY: per-CPU map value of REQ_HEAD_BYTES bytes.
     if unsafe { raw_read_user(head as *mut c_void, REQ_HEAD_BYTES as u32, req as *const c_void) } < 0 {
         flags |= FLAG_READ_ERROR;
     }
+    // Exceptions unwound on this thread during the request: for a failed request, send
+    // the one that went furthest, ahead of the request record (so userspace has it first).
+    if let Some(tr) = EXC.get_ptr_mut(&tid) {
+        // SAFETY: map value pointer, valid for this run.
+        let tr = unsafe { &mut *tr };
+        // SAFETY: per-CPU map value, filled just above.
+        if flags & FLAG_READ_ERROR == 0 && at::<i32>(unsafe { &*head }, layout.status) >= 500 {
+            send_exception(tr, tgid, tid, tracked.instance, req);
+        }
+        // Reset in place: cheaper than a delete and a fresh insert on the next exception.
+        tr.cur = 0;
+        tr.slots[0].nframes = 0;
+        tr.slots[0].escaped = 0;
+        tr.slots[1].nframes = 0;
+        tr.slots[1].escaped = 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+        bump(Stat::RingFull);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
     // SAFETY: as above; only read from here on.
     let h = unsafe { &*head };
     // SAFETY: `ev` is a live reservation of size_of::<RequestEvent>(); we only write fields.
@@ -317,9 +317,9 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
                         return (0, 0);
                     }
                     let base = i * 32 + 16;
-                    let vlen = u64::from_ne_bytes(slice8(iov, base + 8));
+                    let vlen = u64::from_ne_bytes(pick(iov, base + 8));
                     let vlen = if vlen > u16::MAX as u64 { u16::MAX } else { vlen as u16 };
-                    (u64::from_ne_bytes(slice8(iov, base)), vlen)
+                    (u64::from_ne_bytes(pick(iov, base)), vlen)
                 };
                 let (p, l) = val(0);
                 (*ev).sw8_len = l;
@@ -349,12 +349,7 @@ fn try_after_request(ctx: &ProbeContext) -> Result<(), i64> {
         }
         (*ev).flags = flags;
     }
-    // Wake the reader only once a batch has piled up: one wakeup per event would cost the
-    // reader (and the CPU the app shares with it) far more than the event itself. The reader
-    // also drains on a short timer, so a quiet ring still reaches it promptly.
-    let flags =
-        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    entry.submit(flags as u64);
+    entry.submit(wake_flags());
     bump(Stat::RequestsSent);
     Ok(())
 }
@@ -401,20 +396,6 @@ const DESCRIBE_AT: u32 = 3;
 /// Bytes read from a frame to get its code object and instruction in one go.
 const FRAME_SPAN: usize = 128;
 
-/// `N` bytes at `at` in `block` (zeroes when out of range).
-#[inline(always)]
-fn pick<const N: usize>(block: &[u8; FRAME_SPAN], at: u32) -> [u8; N] {
-    let mut out = [0u8; N];
-    let at = (at as usize) & (FRAME_SPAN - 1);
-    if at + N <= FRAME_SPAN {
-        let mut j = 0;
-        while j < N {
-            out[j] = block[at + j];
-            j += 1;
-        }
-    }
-    out
-}
 const TPF_STR: u64 = 1 << 28;
 const TPF_BASE_EXC: u64 = 1 << 30;
 
@@ -458,11 +439,12 @@ fn try_py_traceback(ctx: &ProbeContext) -> Result<(), i64> {
     let holder = if pl.frame_iframe != PY_NONE { read::<u64>(frame, pl.frame_iframe)? } else { frame };
     let lo = if pl.code < pl.instr { pl.code } else { pl.instr };
     let block: [u8; FRAME_SPAN] = read(holder, lo)?;
-    let code = u64::from_ne_bytes(pick::<8>(&block, pl.code - lo));
+    let off = |field: u32| (field - lo) as usize & (FRAME_SPAN - 1);
+    let code = u64::from_ne_bytes(pick(&block, off(pl.code)));
     let lasti = if pl.frame_iframe != PY_NONE {
-        u64::from_ne_bytes(pick::<8>(&block, pl.instr - lo)).wrapping_sub(code + pl.code_adaptive as u64) as i32
+        u64::from_ne_bytes(pick(&block, off(pl.instr))).wrapping_sub(code + pl.code_adaptive as u64) as i32
     } else {
-        i32::from_ne_bytes(pick::<4>(&block, pl.instr - lo)).wrapping_mul(pl.lasti_scale as i32)
+        i32::from_ne_bytes(pick(&block, off(pl.instr))).wrapping_mul(pl.lasti_scale as i32)
     };
 
     let tr = match EXC.get_ptr_mut(&tid) {
@@ -671,12 +653,13 @@ fn fault(ok: bool) -> u32 {
     }
 }
 
+/// `N` bytes at `at` in `buf` (zeroes when out of range).
 #[inline(always)]
-fn slice8(buf: &[u8; MAX_SCAN_VARS * 32], at: usize) -> [u8; 8] {
-    let mut out = [0u8; 8];
-    if at + 8 <= buf.len() {
+fn pick<const N: usize, const M: usize>(buf: &[u8; M], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if at + N <= M {
         let mut j = 0;
-        while j < 8 {
+        while j < N {
             out[j] = buf[at + j];
             j += 1;
         }
@@ -796,9 +779,7 @@ fn tracked_thread() -> Option<(u32, u32)> {
 
 #[inline(always)]
 fn submit_wake<T>(e: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
-    let flags =
-        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    e.submit(flags as u64);
+    e.submit(wake_flags());
     bump(Stat::CallsSent);
 }
 

@@ -14,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::decode::parse_sockaddr;
+
 /// Component ids (OAP component-libraries.yml), as the Python agent reports them.
 pub const COMPONENT_PYTHON: i32 = 7000;
 pub const COMPONENT_REQUESTS: i32 = 7002;
@@ -276,21 +278,6 @@ pub fn mask_sql_literals(sql: &str) -> String {
     out
 }
 
-/// A socket address as connect() got it (sockaddr_in / sockaddr_in6 bytes).
-pub fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
-    let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
-    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
-    match family as i32 {
-        libc::AF_INET => Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], *b.get(7)?).into(), port)),
-        libc::AF_INET6 => {
-            let a: [u8; 16] = b.get(8..24)?.try_into().ok()?;
-            let ip = Ipv6Addr::from(a);
-            Some(SocketAddr::new(ip.to_ipv4_mapped().map_or(ip.into(), Into::into), port))
-        }
-        _ => None,
-    }
-}
-
 /// The remote address of a process's socket, from /proc (for connections made before we
 /// attached, whose connect() we did not see).
 pub fn socket_peer(pid: u32, fd: i32) -> Option<SocketAddr> {
@@ -430,14 +417,7 @@ impl Calls {
     /// The calls of a request that ran on `tid` from `start_us` to `end_us` (wall clock),
     /// given `wall_offset_ns` = wall clock - monotonic clock. Calls of the thread before the
     /// request are counted and dropped.
-    pub fn take_for_request(
-        &mut self,
-        tgid: u32,
-        tid: u32,
-        start_us: u64,
-        wall_offset_ns: i64,
-        attribute: bool,
-    ) -> Vec<ExitCall> {
+    pub fn take_for_request(&mut self, tid: u32, start_us: u64, wall_offset_ns: i64, attribute: bool) -> Vec<ExitCall> {
         let fds: Vec<(u32, i32)> = self.open.iter().filter(|(_, o)| o.tid == tid).map(|(k, _)| *k).collect();
         for (g, fd) in fds {
             self.finish(g, fd);
@@ -456,7 +436,7 @@ impl Calls {
                 self.stats.calls_outside_requests += 1;
                 continue;
             }
-            if let Some(c) = self.exit_call(&o, &conn, start, end, tgid) {
+            if let Some(c) = self.exit_call(&o, &conn, start, end) {
                 self.stats.exit_calls += 1;
                 out.push(c);
             }
@@ -489,7 +469,7 @@ impl Calls {
         self.stats.calls_outside_requests += dropped;
     }
 
-    fn exit_call(&self, o: &Open, conn: &Conn, start_us: u64, end_us: u64, _pid: u32) -> Option<ExitCall> {
+    fn exit_call(&self, o: &Open, conn: &Conn, start_us: u64, end_us: u64) -> Option<ExitCall> {
         let peer_ip = conn.peer.map(|a| a.to_string()).unwrap_or_default();
         let reply = o.reply.as_deref().unwrap_or(&[]);
         let t = |k: &str, v: &str| (k.to_string(), v.to_string());
@@ -731,7 +711,7 @@ mod tests {
         c.send(10, 11, 5, get, 22, 6_000_000);
         c.recv(10, 5, b"-ERR x\r\n", 6_500_000);
         c.send(10, 11, 7, b"junk", 4, 6_600_000);
-        let calls = c.take_for_request(10, 11, 4000, 0, true);
+        let calls = c.take_for_request(11, 4000, 0, true);
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].operation, "Redis/SET");
         assert_eq!((calls[0].start_us, calls[0].end_us), (5000, 5200));
@@ -741,7 +721,7 @@ mod tests {
         assert_eq!(calls[1].peer, "127.0.0.1:6390");
         assert_eq!(c.stats, CallStats { exit_calls: 2, calls_outside_requests: 1, calls_async_unattributed: 0 });
         c.send(10, 11, 5, get, 22, 7_000_000);
-        assert!(c.take_for_request(10, 11, 4000, 0, false).is_empty());
+        assert!(c.take_for_request(11, 4000, 0, false).is_empty());
         assert_eq!(c.stats.calls_async_unattributed, 1);
         // A thread that never finishes a request: its calls age out, counted.
         c.send(10, 99, 5, get, 22, 8_000_000);

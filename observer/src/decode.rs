@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use observer_common::*;
@@ -239,17 +239,19 @@ fn sa_family(sa: &[u8; SOCKADDR_CAP]) -> u16 {
 
 /// The peer in a `struct sockaddr` copied from the request, as "ip:port".
 pub fn sockaddr_peer(sa: &[u8; SOCKADDR_CAP]) -> Option<String> {
-    let port = u16::from_be_bytes([sa[2], sa[3]]);
-    match sa_family(sa) {
-        2 => Some(format!("{}:{port}", Ipv4Addr::new(sa[4], sa[5], sa[6], sa[7]))),
-        10 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&sa[8..24]);
+    parse_sockaddr(sa).map(|a| a.to_string())
+}
+
+/// A `struct sockaddr_in` / `sockaddr_in6` (an IPv4-mapped IPv6 address becomes IPv4).
+pub fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
+    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
+    match family as i32 {
+        libc::AF_INET => Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], *b.get(7)?).into(), port)),
+        libc::AF_INET6 => {
+            let a: [u8; 16] = b.get(8..24)?.try_into().ok()?;
             let ip = Ipv6Addr::from(a);
-            Some(match ip.to_ipv4_mapped() {
-                Some(v4) => format!("{v4}:{port}"),
-                None => format!("[{ip}]:{port}"),
-            })
+            Some(SocketAddr::new(ip.to_ipv4_mapped().map_or(ip.into(), Into::into), port))
         }
         _ => None,
     }

@@ -463,16 +463,16 @@ impl Session {
         }
         st.valid += 1;
         let mut r = self.decoder.request(ev);
+        let attribute = !self.is_async(ev);
         if let Some((_, exc)) = pending_exc {
             if exc.req == ev.req && exc.tgid == ev.tgid {
-                r.exception = self.exception_for(ev, &exc);
+                r.exception = self.exception_for(ev, &exc, attribute);
             }
         }
         if self.exception_mode == ExceptionMode::OnError && r.status >= 500 {
             self.arm_exceptions(ev.instance);
         }
-        let attribute = !self.is_async(ev);
-        r.calls = self.calls.take_for_request(ev.tgid, ev.tid, ev.start_us, self.wall_offset_ns, attribute);
+        r.calls = self.calls.take_for_request(ev.tid, ev.start_us, self.wall_offset_ns, attribute);
         let st = self.instances.entry(ev.instance).or_default();
         self.summary.requests += 1;
         if self.workers.insert(r.worker_pid) {
@@ -549,9 +549,10 @@ impl Session {
         &mut self,
         ev: &observer_common::RequestEvent,
         exc: &observer_common::ExceptionEvent,
+        attribute: bool,
     ) -> Option<python::PyException> {
         let unresolved = |s: &mut Summary, why: &str| *s.exceptions_unresolved.entry(why.to_string()).or_default() += 1;
-        if self.is_async(ev) {
+        if !attribute {
             unresolved(&mut self.summary, "async worker (not attributed)");
             return None;
         }
@@ -847,21 +848,19 @@ fn span_config(root: u32, opts: &Options) -> (spans::SpanConfig, &'static str) {
 /// Calls (and exception records) not claimed by a request within this long are dropped.
 const CALL_MAX_AGE_NS: u64 = 60_000_000_000;
 
-fn monotonic_ns() -> u64 {
+fn clock_ns(clock: libc::clockid_t) -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: plain libc call writing our local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 fn wall_minus_monotonic_ns() -> i64 {
-    let get = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: plain libc call writing our local.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-    };
-    get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC)
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 fn hostname() -> String {

@@ -17,6 +17,8 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 use observer_common::{ExcSlot, PyLayout, EXC_MSG_CAP, PY_FRAMES, PY_NONE};
 
+use crate::targets::{parse_maps, Mapping};
+
 /// The function the exception probe goes on (exported by every CPython 3.x).
 pub const TRACEBACK_SYMBOL: &str = "PyTraceBack_Here";
 /// Called when uWSGI prints an exception that escaped the WSGI callable.
@@ -186,31 +188,6 @@ pub enum PyError {
     Unsupported(String),
     #[error("{0}")]
     Other(String),
-}
-
-struct Mapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    path: String,
-}
-
-fn parse_maps(maps: &str) -> Vec<Mapping> {
-    maps.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, _perms, off) = (f.next()?, f.next()?, f.next()?);
-            let path = f.nth(2)?;
-            let (a, b) = range.split_once('-')?;
-            Some(Mapping {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
-                offset: u64::from_str_radix(off, 16).ok()?,
-                path: path.to_string(),
-            })
-        })
-        .filter(|m| m.path.starts_with('/'))
-        .collect()
 }
 
 /// "3.11" from a file name like `libpython3.11.so.1.0`.

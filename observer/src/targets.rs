@@ -185,15 +185,42 @@ fn function_bytes(data: &[u8], sym: &str) -> Option<Vec<u8>> {
     Some(bytes.to_vec())
 }
 
-/// Executable file mappings of a process, from /proc/PID/maps.
+/// One file-backed line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub perms: String,
+    pub path: String,
+}
+
+/// The file-backed mappings of a process, from /proc/PID/maps.
+pub fn parse_maps(maps: &str) -> Vec<Mapping> {
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms, off) = (f.next()?, f.next()?, f.next()?);
+            let path = f.nth(2)?;
+            let (a, b) = range.split_once('-')?;
+            Some(Mapping {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                offset: u64::from_str_radix(off, 16).ok()?,
+                perms: perms.to_string(),
+                path: path.to_string(),
+            })
+        })
+        .filter(|m| m.path.starts_with('/'))
+        .collect()
+}
+
+/// Executable file mappings of a process, from /proc/PID/maps (each file once).
 pub fn parse_maps_exec_files(maps: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(_range), Some(perms)) = (f.next(), f.next()) else { continue };
-        let path = f.nth(3).unwrap_or("");
-        if perms.contains('x') && path.starts_with('/') && !out.iter().any(|p| p == path) {
-            out.push(path.to_string());
+    for m in parse_maps(maps) {
+        if m.perms.contains('x') && !out.contains(&m.path) {
+            out.push(m.path);
         }
     }
     out
@@ -338,11 +365,8 @@ pub fn async_from(cmdline: &[u8], maps: &str) -> bool {
 pub fn python_version(pid: u32) -> Option<String> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     parse_maps_exec_files(&maps).iter().find_map(|p| {
-        let name = p.rsplit('/').next()?;
-        let rest = name.strip_prefix("libpython")?;
-        let ver: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-        let ver = ver.trim_end_matches('.');
-        (!ver.is_empty()).then(|| ver.to_string())
+        let (major, minor) = crate::python::soname_version(p.rsplit('/').next()?)?;
+        Some(format!("{major}.{minor}"))
     })
 }
 

@@ -456,20 +456,9 @@ fn saturation(observer: &Path, secs: u64) -> Result<String> {
 /// exceptions or make outbound calls, each with B (every probe), R (the request probe only:
 /// `--no-exceptions --no-exit-spans`) and A (bare), interleaved; `--http-socket`.
 fn probes_section(observer: &Path, rounds: usize, secs: u64, short: bool) -> Result<String> {
-    let venv = setup::venv();
     let rport = free_port();
-    let mut rc = Command::new("redis-server");
-    rc.args(["--port", &rport.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    std::os::unix::process::CommandExt::process_group(&mut rc, 0);
-    let _redis = Proc(rc.spawn().context("starting redis-server (apt: redis-server)")?);
-    let hport = free_port();
-    let mut hc = Command::new(venv.join("bin/python"));
-    hc.arg(root().join("tests/py/http_backend.py")).arg(hport.to_string()).stdout(Stdio::null()).stderr(Stdio::null());
-    std::os::unix::process::CommandExt::process_group(&mut hc, 0);
-    let _http = Proc(hc.spawn().context("starting the HTTP backend")?);
-    wait_for("redis and the HTTP backend", 30, || listening(rport) && listening(hport))?;
+    let hport = std::iter::repeat_with(free_port).find(|p| *p != rport).unwrap_or(rport);
+    let _backends = crate::start_backends(rport, hport)?;
     let env =
         vec![("REDIS_PORT".to_string(), rport.to_string()), ("BACKEND_HTTP".to_string(), format!("127.0.0.1:{hport}"))];
     let flask = FLASK;

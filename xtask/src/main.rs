@@ -102,7 +102,8 @@ fn main() -> Result<()> {
 }
 
 /// Kills a child process group on drop, so nothing is left behind on error.
-struct Guard(Child, &'static str);
+/// A child process stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
+pub(crate) struct Guard(Child, &'static str);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -129,22 +130,7 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     // Two backends for the app's outbound calls (Exit spans): Redis and a small HTTP service.
     let (redis_port, http_port) = (18092u16, 18093u16);
     println!("== starting backends for the app's calls: redis-server :{redis_port}, an HTTP service :{http_port}");
-    let redis = Command::new("redis-server")
-        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server")?;
-    let _redis = Guard(redis, "redis-server");
-    let backend = Command::new(setup::venv().join("bin/python"))
-        .arg(root().join("tests/py/http_backend.py"))
-        .arg(http_port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the HTTP backend")?;
-    let _backend = Guard(backend, "http backend");
-    wait_http(http_port)?;
-    wait_http(redis_port)?;
+    let _backends = start_backends(redis_port, http_port)?;
     println!("== starting a sample app: uWSGI (pip build) + Flask, 2 workers, --http :{port}");
     let uwsgi = Command::new(setup::venv().join("bin/uwsgi"))
         .current_dir(root().join("tests/apps"))
@@ -210,6 +196,29 @@ fn demo(bin: &Path, seconds: u64) -> Result<()> {
     unsafe { libc::kill(observer.0.id() as i32, libc::SIGINT) };
     let _ = observer.0.wait();
     Ok(())
+}
+
+/// The outbound-call targets of the demo and the benchmark: redis-server and
+/// tests/py/http_backend.py on loopback, accepting connections when this returns.
+pub(crate) fn start_backends(redis_port: u16, http_port: u16) -> Result<[Guard; 2]> {
+    let redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt: redis-server)")?;
+    let redis = Guard(redis, "redis-server");
+    let backend = Command::new(setup::venv().join("bin/python"))
+        .arg(root().join("tests/py/http_backend.py"))
+        .arg(http_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the HTTP backend")?;
+    let backend = Guard(backend, "http backend");
+    wait_http(http_port)?;
+    wait_http(redis_port)?;
+    Ok([redis, backend])
 }
 
 fn wait_http(port: u16) -> Result<()> {
