@@ -569,10 +569,6 @@ impl Mem {
         Some(u64::from_le_bytes(self.bytes(addr, 8)?.try_into().ok()?))
     }
 
-    pub fn i32(&self, addr: u64) -> Option<i32> {
-        Some(i32::from_le_bytes(self.bytes(addr, 4)?.try_into().ok()?))
-    }
-
     /// A `str` object's text (capped at `cap` code points).
     pub fn str_obj(&self, obj: u64, code: &CodeLayout, cap: usize) -> Option<String> {
         let hdr = self.bytes(obj, 40)?;
